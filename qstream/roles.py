@@ -1,0 +1,149 @@
+"""Tensor roles and fused partner sets, from the data files in ``formats/``.
+
+A format file (TOML) names the architectures / model types it covers, an ordered
+list of ``[[rules]]`` (regex searched in the tensor name -> role; first match
+wins) and ``[[fused]]`` patterns whose named group ``set`` groups the partners
+that vLLM fuses into one GEMM (they share one NVFP4 global scale). The family's
+rules are tried first, then ``generic.toml``'s; a recipe's rules go before both.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import QStreamError
+
+ROLES = ("mlp", "attention", "router", "vision", "projector", "embedding", "lm_head", "norm", "other")
+
+
+@dataclass(frozen=True)
+class Rule:
+    role: str
+    pattern: re.Pattern[str]
+
+
+@dataclass
+class Family:
+    name: str
+    architectures: list[str]
+    model_types: list[str]
+    rules: list[Rule]
+    fused: list[re.Pattern[str]]
+    source: str = ""
+
+
+def _parse_family(text: str, source: str) -> Family:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise QStreamError(f"{source}: not valid TOML ({e}).") from e
+    rules = []
+    for i, r in enumerate(data.get("rules", [])):
+        role = r.get("role")
+        if role not in ROLES:
+            raise QStreamError(f"{source}: rule {i} has role {role!r}; use one of {', '.join(ROLES)}.")
+        try:
+            rules.append(Rule(role, re.compile(r["pattern"])))
+        except (KeyError, re.error) as e:
+            raise QStreamError(f"{source}: rule {i} has a bad pattern ({e}).") from e
+    fused = []
+    for i, f in enumerate(data.get("fused", [])):
+        try:
+            pat = re.compile(f["pattern"])
+        except (KeyError, re.error) as e:
+            raise QStreamError(f"{source}: fused pattern {i} is bad ({e}).") from e
+        if "set" not in pat.groupindex:
+            raise QStreamError(f"{source}: fused pattern {i} needs a named group (?P<set>...).")
+        fused.append(pat)
+    return Family(
+        name=str(data.get("name", Path(source).stem)),
+        architectures=list(data.get("architectures", [])),
+        model_types=list(data.get("model_types", [])),
+        rules=rules,
+        fused=fused,
+        source=source,
+    )
+
+
+def load_families() -> dict[str, Family]:
+    out = {}
+    for entry in sorted(resources.files("qstream.formats").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            fam = _parse_family(entry.read_text(encoding="utf-8"), f"formats/{entry.name}")
+            out[fam.name] = fam
+    return out
+
+
+def _model_identity(config: dict) -> tuple[list[str], list[str]]:
+    archs = list(config.get("architectures") or [])
+    types = [config.get("model_type")]
+    for sub in ("text_config", "language_config"):
+        if isinstance(config.get(sub), dict):
+            types.append(config[sub].get("model_type"))
+    return archs, [t for t in types if t]
+
+
+def select_family(config: dict, families: dict[str, Family] | None = None) -> Family:
+    """The family for this config: by architectures first, then model_type; else generic."""
+    families = families or load_families()
+    archs, types = _model_identity(config)
+    for a in archs:
+        for fam in families.values():
+            if a in fam.architectures:
+                return fam
+    for t in types:
+        for fam in families.values():
+            if t in fam.model_types:
+                return fam
+    return families["generic"]
+
+
+@dataclass
+class Recipe:
+    """User overrides: extra rules (tried first), schemes per role, ignore regexes."""
+
+    rules: list[Rule] = field(default_factory=list)
+    schemes: dict[str, str] = field(default_factory=dict)
+    ignore: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> "Recipe":
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise QStreamError(f"{path}: cannot read the recipe ({e.strerror}).") from e
+        fam = _parse_family(text, str(path))
+        data = tomllib.loads(text)
+        schemes = data.get("schemes", {})
+        if not isinstance(schemes, dict) or any(k not in ROLES for k in schemes):
+            raise QStreamError(f"{path}: [schemes] must map roles ({', '.join(ROLES)}) to a scheme name.")
+        ignore = data.get("ignore", [])
+        if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
+            raise QStreamError(f"{path}: ignore must be a list of regex strings.")
+        return cls(rules=fam.rules, schemes={k: str(v) for k, v in schemes.items()}, ignore=ignore)
+
+
+class Classifier:
+    """Maps tensor names to roles and fused-set keys."""
+
+    def __init__(self, family: Family, generic: Family, recipe: Recipe | None = None) -> None:
+        self.family = family
+        self.rules = (recipe.rules if recipe else []) + family.rules + (generic.rules if generic is not family else [])
+        self.fused = family.fused if family.fused else generic.fused
+
+    def role(self, name: str) -> str:
+        for rule in self.rules:
+            if rule.pattern.search(name):
+                return rule.role
+        return "other"
+
+    def fused_key(self, name: str) -> str | None:
+        for i, pat in enumerate(self.fused):
+            m = pat.search(name)
+            if m:
+                return f"{i}:{m.group('set')}"
+        return None

@@ -1,0 +1,74 @@
+"""Number formats qstream writes, and what each adds to a checkpoint.
+
+The math lives in :mod:`qstream.schemes.reference` (readable numpy spec, held
+byte-exact to compressed-tensors by the tests) and
+:mod:`qstream.schemes.kernels` (fused numba kernels, held byte-exact to the
+reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str  # CLI name
+    group_size: int
+    format: str  # compressed-tensors format name
+    scale_dtype: str  # safetensors dtype of weight_scale
+    has_global_scale: bool
+    weights_args: dict
+    description: str
+
+    def outputs(self, module: str, shape: tuple[int, int]) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, safetensors dtype, shape) of every tensor written for one Linear."""
+        out, inp = shape
+        res = [
+            (f"{module}.weight_packed", "U8", (out, inp // 2)),
+            (f"{module}.weight_scale", self.scale_dtype, (out, inp // self.group_size)),
+        ]
+        if self.has_global_scale:
+            res.append((f"{module}.weight_global_scale", "F32", (1,)))
+        return res
+
+
+MXFP4 = Scheme(
+    name="mxfp4",
+    group_size=32,
+    format="mxfp4-pack-quantized",
+    scale_dtype="U8",
+    has_global_scale=False,
+    weights_args={
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "group_size": 32,
+        "strategy": "group",
+        "dynamic": False,
+        "scale_dtype": "torch.uint8",
+    },
+    description="OCP microscaling FP4: E2M1 values, one power-of-two (E8M0) scale per 32 weights; "
+    "4.25 bits per weight. Weight-only (W4A16).",
+)
+
+NVFP4 = Scheme(
+    name="nvfp4",
+    group_size=16,
+    format="nvfp4-pack-quantized",
+    scale_dtype="F8_E4M3",
+    has_global_scale=True,
+    weights_args={
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "group_size": 16,
+        "strategy": "tensor_group",
+        "dynamic": False,
+        "scale_dtype": "torch.float8_e4m3fn",
+    },
+    description="NVIDIA FP4: E2M1 values, one FP8 E4M3 scale per 16 weights and one FP32 global "
+    "scale per tensor (shared by fused partners); 4.5 bits per weight. Weight-only (NVFP4A16).",
+)
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (MXFP4, NVFP4)}

@@ -1,0 +1,162 @@
+"""The output folder: shards written at planned offsets, then the small files.
+
+Shards are written under a hidden temporary name, fsynced and renamed when
+complete. Side files, the index, config.json and the model card are written
+last (each atomically), so a folder holding config.json is a finished
+conversion.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import QStreamError
+from .plan import OutShard
+
+STAGING_DIR = ".qstream"
+
+
+def _os_error(path: Path, e: OSError) -> QStreamError:
+    if e.errno == errno.ENOSPC or e.errno == errno.EFBIG:
+        return QStreamError(f"{path}: no space left on the device while writing; free space (or pick another DST) and rerun with --resume.")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return QStreamError(f"{path}: cannot write ({e.strerror}); choose a writable DST.")
+    return QStreamError(f"{path}: write failed ({e.strerror}).")
+
+
+class ShardWriter:
+    """One output shard: header first, then tensor bytes at their planned offsets."""
+
+    def __init__(self, dst: Path, shard: OutShard) -> None:
+        self.shard = shard
+        self.final = dst / shard.filename
+        self.tmp = dst / STAGING_DIR / (shard.filename + ".partial")
+        self.data_start = len(shard.header)
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise _os_error(self.tmp, e) from e
+        try:
+            if hasattr(os, "posix_fallocate") and shard.file_bytes:
+                # Reserve the space now: a full disk fails here, not after an hour.
+                os.posix_fallocate(self.fd, 0, shard.file_bytes)
+            self.pwrite(0, shard.header, absolute=True)
+        except BaseException:
+            self.abort()
+            raise
+
+    def pwrite(self, offset: int, data, absolute: bool = False) -> None:
+        pos = offset if absolute else self.data_start + offset
+        mv = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(mv):
+                done += os.pwrite(self.fd, mv[done:], pos + done)
+        except OSError as e:
+            raise _os_error(self.tmp, e) from e
+
+    def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int) -> None:
+        """Copy bytes from a source file inside the kernel when it can (no user-space buffer)."""
+        pos = self.data_start + offset
+        done = 0
+        try:
+            if hasattr(os, "copy_file_range"):
+                while done < nbytes:
+                    n = os.copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, pos + done)
+                    if n == 0:
+                        break
+                    done += n
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EROFS):
+                raise _os_error(self.tmp, e) from e
+            # EXDEV / ENOSYS / EINVAL on some filesystems: fall back to pread/pwrite.
+        chunk = 16 << 20
+        while done < nbytes:
+            n = min(chunk, nbytes - done)
+            buf = os.pread(src_fd, n, src_offset + done)
+            if not buf:
+                raise QStreamError(f"source ended early while copying into {self.final.name}; the source shard is truncated.")
+            self.pwrite(offset + done, buf)
+            done += len(buf)
+
+    def finish(self) -> Path:
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp, self.final)
+        except OSError as e:
+            raise _os_error(self.final, e) from e
+        return self.final
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    tmp = path.parent / STAGING_DIR / (path.name + ".partial")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _os_error(path, e) from e
+
+
+def write_json(path: Path, obj: dict) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def copy_side_file(src_root: Path, rel: Path, dst_root: Path) -> None:
+    target = dst_root / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst_root / STAGING_DIR / (str(rel).replace(os.sep, "__") + ".partial")
+    try:
+        shutil.copyfile(src_root / rel, tmp)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise _os_error(target, e) from e
+
+
+def output_config(src_config: dict, quantization_config: dict | None) -> dict:
+    cfg = {k: v for k, v in src_config.items() if k != "quantization_config"}
+    if quantization_config is not None:
+        cfg["quantization_config"] = quantization_config
+    return cfg
+
+
+def prepare_dst(src_root: Path, dst: Path, overwrite: bool, resume: bool) -> None:
+    """Create DST, refusing unsafe or occupied destinations with a clear message."""
+    src_r = src_root.resolve()
+    dst_r = dst.resolve()
+    if dst_r == src_r or src_r in dst_r.parents:
+        raise QStreamError(f"{dst}: DST is inside SRC ({src_root}); choose a destination outside the source folder.")
+    if dst.exists() and not dst.is_dir():
+        raise QStreamError(f"{dst}: DST exists and is not a folder; choose a new folder.")
+    if dst.exists() and any(dst.iterdir()) and not (overwrite or resume):
+        raise QStreamError(f"{dst}: DST exists and is not empty; pass --overwrite to replace it, --resume to continue an interrupted run, or choose a new folder.")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        if overwrite and not resume:
+            for p in dst.iterdir():
+                if p.name == STAGING_DIR:
+                    shutil.rmtree(p)
+                elif p.is_file() and (p.name.endswith(".safetensors") or p.name in ("model.safetensors.index.json", "config.json", "README.md")):
+                    p.unlink()
+        (dst / STAGING_DIR).mkdir(exist_ok=True)
+        probe = dst / STAGING_DIR / "write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise _os_error(dst, e) from e

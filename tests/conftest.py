@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+REPO = TESTS.parent
+# Built fixtures (the real SmolLM2 checkpoint) are cached here between runs.
+CACHE = Path(os.environ.get("QSTREAM_TEST_CACHE", REPO / ".cache"))
+
+from synth import llama_config, llama_tensors, write_checkpoint  # noqa: E402
+
+
+def run_qstream(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess (real exit codes, real stderr)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    e.setdefault("COLUMNS", "200")
+    p = subprocess.run([sys.executable, "-m", "qstream", *map(str, args)], capture_output=True, text=True, env=e, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"qstream {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A 3-layer Llama-shaped BF16 checkpoint in 2 shards whose q/k/v and gate/up
+    partners straddle the shard boundary."""
+    cfg = llama_config(hidden=64, inter=160, layers=3)
+    root = tmp_path_factory.mktemp("tiny") / "src"
+    write_checkpoint(root, cfg, llama_tensors(cfg), n_shards=2, extra_files={
+        "tokenizer_config.json": '{"model_max_length": 256}',
+        "generation_config.json": '{"do_sample": false}',
+        "chat_template.jinja": "{{ messages }}",
+        "README.md": "---\nlicense: apache-2.0\n---\n# tiny\n",
+    })
+    return root
