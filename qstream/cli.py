@@ -185,5 +185,5 @@ def run() -> None:
         e.show()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted:[/] partial output left in DST/.qstream; rerun the same command to start again.")
+        err.print("[yellow]interrupted:[/] nothing finished was left in DST; run the same command again to restart.")
         sys.exit(130)

@@ -26,10 +26,13 @@ BLOCK_BYTES = 64 << 20
 
 
 def _kernels():
+    """The fused numba kernels; QSTREAM_KERNELS=reference selects the numpy spec instead."""
     try:
+        if os.environ.get("QSTREAM_KERNELS") == "reference":
+            raise ImportError
         from .schemes import kernels  # fused numba kernels
         return kernels
-    except ImportError:  # pragma: no cover - numba missing: fall back to the spec
+    except ImportError:
         from types import SimpleNamespace
 
         from .schemes import reference
@@ -83,7 +86,7 @@ class Executor:
         if not math.isfinite(amax):
             bad = int((~np.isfinite(w.astype(np.float32))).sum())
             raise QStreamError(
-                f"tensor {info.name!r} ({info.path.name}) contains {bad}+ NaN/Inf values; "
+                f"tensor {info.name!r} ({info.path.name}) contains {bad} NaN/Inf values; "
                 "it cannot be quantized: fix the source weights or exclude it with --ignore."
             )
 

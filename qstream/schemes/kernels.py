@@ -1,0 +1,452 @@
+"""Fused numba kernels for MXFP4 / NVFP4 quantization.
+
+Same semantics, byte for byte, as :mod:`qstream.schemes.reference` (the spec; read its
+docstring for the conventions). One pass per row: decode -> group amax -> scale ->
+FP4 rounding -> nibble packing, with no intermediate arrays at all.
+
+* Inputs are 2-D numpy arrays of ``ml_dtypes.bfloat16``, ``np.float16`` or
+  ``np.float32``. The kernels see the raw bits (uint16 for bf16 / fp16, uint32 for
+  fp32) and a ``kind`` code; bf16 -> f32 is a shift, fp16 -> f32 is decoded by bit
+  manipulation, and rounding a float32 result to bf16 / fp16 (what torch does after
+  each op on such tensors) is done on the bits, round half to even.
+* float32 -> float8_e4m3fn (round half to even, subnormals kept, saturating at
+  +-448 like torch's cast; NaN -> 0x7F | sign) is done on the bits too
+  (:func:`e4m3_encode`).
+* Every kernel is ``nogil``: run the serial kernels from several Python threads on
+  different row blocks. The ``parallel=True`` variants split rows across numba's
+  own thread pool; do not call those from several Python threads at once (numba's
+  default ``workqueue`` layer is not thread-safe; ``omp`` / ``tbb`` are).
+
+Public API (mirrors the reference):
+    absmax(w) -> float
+    quantize_nvfp4(w, global_scale, *, parallel=False) -> (packed, scale_bits)
+    quantize_mxfp4(w, *, parallel=False) -> (packed, scale)
+    quantize_nvfp4_into(w, global_scale, packed_out, scale_out, *, parallel=False)
+    quantize_mxfp4_into(w, packed_out, scale_out, *, parallel=False)
+    e4m3_encode(x_float32_array) -> uint8 array
+    warmup() -> seconds
+"""
+
+from __future__ import annotations
+
+import time
+
+import ml_dtypes
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+__all__ = [
+    "absmax",
+    "quantize_nvfp4",
+    "quantize_mxfp4",
+    "quantize_nvfp4_into",
+    "quantize_mxfp4_into",
+    "e4m3_encode",
+    "warmup",
+]
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+
+NVFP4_GROUP = 16
+MXFP4_GROUP = 32
+
+# kind codes: how to read the raw bits
+K_BF16 = 0
+K_F16 = 1
+K_F32 = 2
+
+_KINDS = {BF16: (K_BF16, np.uint16), F16: (K_F16, np.uint16), F32: (K_F32, np.uint32)}
+
+# float8_e4m3fn code -> float32 value (NaN codes 0x7F / 0xFF are never looked up
+# on the quantization path)
+_E4M3_VALUES = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(
+    np.float32
+)
+
+
+# ------------------------------------------------------------------- bit casts
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """float32 -> its uint32 bits (an LLVM bitcast)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, x):
+    """Low 32 bits of an integer -> float32 (truncate/extend, then LLVM bitcast)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if x.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif x.bitwidth < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+# --------------------------------------------------------- dtype emulation
+
+_F32_ONE = np.float32(1.0)
+_F32_SIX = np.float32(6.0)
+_F32_E4M3_MAX = np.float32(448.0)
+_F32_ZERO_SCALE = np.float32(0.125)
+_F32_TWO_M24 = np.float32(2.0**-24)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _f16_bits_to_f32(h):
+    """IEEE half bits (in a uint32) -> float32 value, exact."""
+    s = (h & np.uint32(0x8000)) << np.uint32(16)
+    e = (h >> np.uint32(10)) & np.uint32(0x1F)
+    m = h & np.uint32(0x3FF)
+    if e == np.uint32(0x1F):  # inf / nan
+        return _bits_f32(s | np.uint32(0x7F800000) | (m << np.uint32(13)))
+    if e != np.uint32(0):
+        return _bits_f32(s | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13)))
+    v = np.float32(m) * _F32_TWO_M24  # subnormal (or zero): exact
+    return -v if s else v
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _decode(b, kind):
+    """Raw element bits -> float32 value."""
+    if kind == 0:
+        return _bits_f32(np.uint32(b) << np.uint32(16))
+    if kind == 1:
+        return _f16_bits_to_f32(np.uint32(b))
+    return _bits_f32(np.uint32(b))
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _rne_shift(mant, shift):
+    """round(mant / 2**shift) half to even, for 1 <= shift; mant < 2**24."""
+    if shift > 25:
+        return np.uint32(0)
+    half = np.uint32(1) << np.uint32(shift - 1)
+    odd = (mant >> np.uint32(shift)) & np.uint32(1)
+    return (mant + half - np.uint32(1) + odd) >> np.uint32(shift)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _round_f16(x):
+    """float32 -> nearest float16 (RNE, subnormals, overflow to inf), as float32."""
+    b = _f32_bits(x)
+    a = b & np.uint32(0x7FFFFFFF)
+    s = b & np.uint32(0x80000000)
+    if a >= np.uint32(0x7F800000):  # inf / nan
+        return x
+    if a >= np.uint32(0x477FF000):  # >= 65520 rounds to inf
+        return _bits_f32(s | np.uint32(0x7F800000))
+    if a >= np.uint32(0x38800000):  # >= 2**-14: normal half, drop 13 bits
+        odd = (a >> np.uint32(13)) & np.uint32(1)
+        r = (a + np.uint32(0xFFF) + odd) & np.uint32(0xFFFFE000)
+        return _bits_f32(s | r)
+    # subnormal half: multiples of 2**-24
+    ea = a >> np.uint32(23)
+    if ea == np.uint32(0):
+        return _bits_f32(s)  # float32 subnormal: far below 2**-25
+    mant = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
+    # value = mant * 2**(ea - 150); in units of 2**-24: mant * 2**(ea - 126)
+    m = _rne_shift(mant, 126 - np.int64(ea))
+    v = np.float32(m) * _F32_TWO_M24
+    return -v if s else v
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _round_bf16(x):
+    """float32 -> nearest bfloat16 (RNE, subnormals, overflow to inf), as float32."""
+    b = _f32_bits(x)
+    if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # nan
+        return x
+    odd = (b >> np.uint32(16)) & np.uint32(1)
+    return _bits_f32((b + np.uint32(0x7FFF) + odd) & np.uint32(0xFFFF0000))
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _round_to(x, kind):
+    if kind == 0:
+        return _round_bf16(x)
+    if kind == 1:
+        return _round_f16(x)
+    return x
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _e4m3(x):
+    """float32 -> float8_e4m3fn bits: RNE, subnormals, saturate at +-448."""
+    b = _f32_bits(x)
+    s = np.uint8((b >> np.uint32(24)) & np.uint32(0x80))
+    a = b & np.uint32(0x7FFFFFFF)
+    if a > np.uint32(0x7F800000):  # nan
+        return s | np.uint8(0x7F)
+    if a >= np.uint32(0x3C800000):  # >= 2**-6: normal, drop 20 mantissa bits
+        odd = (a >> np.uint32(20)) & np.uint32(1)
+        r = (a + np.uint32(0x7FFFF) + odd) >> np.uint32(20)
+        r = r - np.uint32(120 << 3)  # rebias exponent 127 -> 7
+        if r > np.uint32(0x7E):  # past 448 (incl. inf): saturate like torch
+            r = np.uint32(0x7E)
+        return s | np.uint8(r)
+    ea = a >> np.uint32(23)
+    if ea == np.uint32(0):
+        return s  # float32 subnormal: rounds to 0
+    mant = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
+    # value = mant * 2**(ea - 150); in units of 2**-9: mant * 2**(ea - 141)
+    return s | np.uint8(_rne_shift(mant, 141 - np.int64(ea)))
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _fp4(q):
+    """FP4 E2M1 code of a scaled float32 (CT rounding, sign iff q < 0)."""
+    a = abs(q)
+    idx = (
+        np.uint8(a > np.float32(0.25))
+        + np.uint8(a >= np.float32(0.75))
+        + np.uint8(a > np.float32(1.25))
+        + np.uint8(a >= np.float32(1.75))
+        + np.uint8(a > np.float32(2.5))
+        + np.uint8(a >= np.float32(3.5))
+        + np.uint8(a > np.float32(5.0))
+    )
+    if q < np.float32(0.0):
+        idx |= np.uint8(8)
+    return idx
+
+
+# ---------------------------------------------------------------- row kernels
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _abs_mask(kind):
+    if kind == 2:
+        return np.uint32(0x7FFFFFFF)
+    return np.uint32(0x7FFF)
+
+
+@njit(nogil=True, cache=True)
+def _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale):
+    mask = _abs_mask(kind)
+    ngroups = w.shape[1] // 16
+    for g in range(ngroups):
+        base = g * 16
+        # group amax on the magnitude bits (monotonic for non-NaN values)
+        m = np.uint32(0)
+        for j in range(16):
+            v = np.uint32(w[r, base + j]) & mask
+            if v > m:
+                m = v
+        amax = _decode(m, kind)
+        s = _round_to(amax / _F32_SIX, kind)  # dtype(amax / 6)
+        t = gs * s  # float32
+        if t > _F32_E4M3_MAX:
+            t = _F32_E4M3_MAX
+        code = _e4m3(t)
+        sv = e4m3_values[code]
+        if sv == np.float32(0.0):
+            code = np.uint8(0x20)
+            sv = _F32_ZERO_SCALE
+        scale[r, g] = code
+        sc = sv / gs  # float32(scale / global_scale)
+        for j in range(8):
+            q0 = _decode(w[r, base + 2 * j], kind) / sc
+            q1 = _decode(w[r, base + 2 * j + 1], kind) / sc
+            packed[r, g * 8 + j] = _fp4(q0) | (_fp4(q1) << np.uint8(4))
+
+
+@njit(nogil=True, cache=True)
+def _mxfp4_row(w, r, kind, packed, scale):
+    mask = _abs_mask(kind)
+    if kind == 0:
+        add, keep, mshift, bias, emax = 0x20, 0xFF80, 7, 127, 0xFF
+    elif kind == 1:
+        add, keep, mshift, bias, emax = 0x100, 0xFC00, 10, 15, 0x1F
+    else:
+        add, keep, mshift, bias, emax = 0x200000, 0xFF800000, 23, 127, 0xFF
+    ngroups = w.shape[1] // 32
+    for g in range(ngroups):
+        base = g * 32
+        m = np.uint32(0)
+        for j in range(32):
+            v = np.uint32(w[r, base + j]) & mask
+            if v > m:
+                m = v
+        # round_to_power_2 on the amax bits, e = 127 + log2(p2) - 2
+        p2 = (np.int64(m) + add) & keep
+        ef = p2 >> mshift
+        if ef == emax:
+            # amax rounds up to inf: scale inf, every q = +-0 -> code 0, and the
+            # written exponent is (127 + INT32_MIN) & 0xFF == 127 (see reference)
+            scale[r, g] = np.uint8(127)
+            for j in range(16):
+                packed[r, g * 16 + j] = np.uint8(0)
+            continue
+        if p2 == 0:
+            e = np.int64(0)  # log2(0) = -inf, clamped to 0
+        else:
+            e = 127 + (ef - bias) - 2
+            if e < 0:
+                e = np.int64(0)
+        if kind == 1 and e < 127 - 24:
+            e = np.int64(127)  # 2**(e-127) underflows fp16 -> eps 1.0 -> 2**0
+        scale[r, g] = np.uint8(e)
+        inv = _bits_f32(np.uint32(254 - e) << np.uint32(23))  # 2**(127 - e), exact
+        for j in range(16):
+            # x / 2**(e-127) == x * 2**(127-e) exactly, then rounded to the dtype
+            q0 = _round_to(_decode(w[r, base + 2 * j], kind) * inv, kind)
+            q1 = _round_to(_decode(w[r, base + 2 * j + 1], kind) * inv, kind)
+            packed[r, g * 16 + j] = _fp4(q0) | (_fp4(q1) << np.uint8(4))
+
+
+# ------------------------------------------------------------ whole-matrix kernels
+
+
+@njit(nogil=True, cache=True)
+def _nvfp4_serial(w, kind, gs, e4m3_values, packed, scale):
+    for r in range(w.shape[0]):
+        _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _nvfp4_parallel(w, kind, gs, e4m3_values, packed, scale):
+    for r in prange(w.shape[0]):
+        _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale)
+
+
+@njit(nogil=True, cache=True)
+def _mxfp4_serial(w, kind, packed, scale):
+    for r in range(w.shape[0]):
+        _mxfp4_row(w, r, kind, packed, scale)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _mxfp4_parallel(w, kind, packed, scale):
+    for r in prange(w.shape[0]):
+        _mxfp4_row(w, r, kind, packed, scale)
+
+
+@njit(nogil=True, cache=True)
+def _absmax_bits(flat, mask):
+    m = flat.dtype.type(0)
+    for i in range(flat.shape[0]):
+        v = flat[i] & mask
+        if v > m:
+            m = v
+    return m
+
+
+@njit(nogil=True, cache=True)
+def _e4m3_array(x, out):
+    for i in range(x.shape[0]):
+        out[i] = _e4m3(x[i])
+
+
+# ------------------------------------------------------------------ python API
+
+
+def _bits(w: np.ndarray, group: int):
+    w = np.asarray(w)
+    if w.dtype not in _KINDS:
+        raise TypeError(f"unsupported dtype {w.dtype}; expected bfloat16, float16, float32")
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    if w.shape[1] % group:
+        raise ValueError(f"columns ({w.shape[1]}) must be a multiple of {group}")
+    kind, utype = _KINDS[w.dtype]
+    return np.ascontiguousarray(w).view(utype), kind
+
+
+def _check_out(arr, shape, name):
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.shape != shape:
+        raise ValueError(f"{name} must be a uint8 array of shape {shape}")
+    if not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise ValueError(f"{name} must be C-contiguous and writeable")
+
+
+def absmax(w: np.ndarray) -> float:
+    """max |w| as a python float (NaN if w holds a NaN), over any shape."""
+    w = np.asarray(w)
+    if w.dtype not in _KINDS:
+        raise TypeError(f"unsupported dtype {w.dtype}; expected bfloat16, float16, float32")
+    if w.size == 0:
+        return 0.0
+    kind, utype = _KINDS[w.dtype]
+    flat = np.ascontiguousarray(w).reshape(-1).view(utype)
+    mask = utype(0x7FFFFFFF if kind == K_F32 else 0x7FFF)
+    m = _absmax_bits(flat, mask)
+    return float(np.array([m], dtype=utype).view(w.dtype)[0].astype(np.float32))
+
+
+def quantize_nvfp4_into(w, global_scale, packed_out, scale_out, *, parallel=False):
+    """NVFP4 of ``w`` into preallocated ``packed_out`` [rows, cols/2] and
+    ``scale_out`` [rows, cols/16] (uint8, E4M3 bits)."""
+    bits, kind = _bits(w, NVFP4_GROUP)
+    rows, cols = bits.shape
+    _check_out(packed_out, (rows, cols // 2), "packed_out")
+    _check_out(scale_out, (rows, cols // NVFP4_GROUP), "scale_out")
+    fn = _nvfp4_parallel if parallel else _nvfp4_serial
+    fn(bits, kind, np.float32(global_scale), _E4M3_VALUES, packed_out, scale_out)
+
+
+def quantize_nvfp4(w, global_scale, *, parallel=False):
+    """Same as :func:`qstream.schemes.reference.quantize_nvfp4`."""
+    rows, cols = np.shape(w)
+    packed = np.empty((rows, cols // 2), dtype=np.uint8)
+    scale = np.empty((rows, cols // NVFP4_GROUP), dtype=np.uint8)
+    quantize_nvfp4_into(w, global_scale, packed, scale, parallel=parallel)
+    return packed, scale
+
+
+def quantize_mxfp4_into(w, packed_out, scale_out, *, parallel=False):
+    """MXFP4 of ``w`` into preallocated ``packed_out`` [rows, cols/2] and
+    ``scale_out`` [rows, cols/32] (uint8, biased E8M0)."""
+    bits, kind = _bits(w, MXFP4_GROUP)
+    rows, cols = bits.shape
+    _check_out(packed_out, (rows, cols // 2), "packed_out")
+    _check_out(scale_out, (rows, cols // MXFP4_GROUP), "scale_out")
+    fn = _mxfp4_parallel if parallel else _mxfp4_serial
+    fn(bits, kind, packed_out, scale_out)
+
+
+def quantize_mxfp4(w, *, parallel=False):
+    """Same as :func:`qstream.schemes.reference.quantize_mxfp4`."""
+    rows, cols = np.shape(w)
+    packed = np.empty((rows, cols // 2), dtype=np.uint8)
+    scale = np.empty((rows, cols // MXFP4_GROUP), dtype=np.uint8)
+    quantize_mxfp4_into(w, packed, scale, parallel=parallel)
+    return packed, scale
+
+
+def e4m3_encode(x) -> np.ndarray:
+    """float32 -> float8_e4m3fn bits with the kernels' encoder (torch's cast)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.shape, dtype=np.uint8)
+    _e4m3_array(x.reshape(-1), out.reshape(-1))
+    return out
+
+
+def warmup() -> float:
+    """Compile (or load from the cache) every specialization; returns seconds."""
+    t0 = time.perf_counter()
+    for dt in (BF16, F16, F32):  # uint16 and uint32 specializations
+        w = np.zeros((2, 32), dtype=dt)
+        for parallel in (False, True):
+            quantize_nvfp4(w, np.float32(1.0), parallel=parallel)
+            quantize_mxfp4(w, parallel=parallel)
+        absmax(w)
+    e4m3_encode(np.zeros(1, dtype=np.float32))
+    return time.perf_counter() - t0
