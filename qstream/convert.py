@@ -49,6 +49,24 @@ class Progress:
     on_shard: Callable[[Path], None] = lambda path: None
 
 
+class Hooks:
+    """Where the source and output meet the outside world (the Hub, a low-disk policy).
+
+    ``fetch`` is called before the first read of a source file, ``release`` once
+    every tensor that needs it (fused partners included) has been written,
+    ``shard_done`` when an output shard is complete and renamed, and ``finished``
+    after the small files (index, config, card, side files) are written.
+    """
+
+    def fetch(self, path: Path) -> None: ...
+
+    def release(self, path: Path) -> None: ...
+
+    def shard_done(self, path: Path) -> None: ...
+
+    def finished(self, dst: Path) -> None: ...
+
+
 @dataclass
 class Result:
     seconds: float
@@ -65,11 +83,12 @@ def _rows_per_block(info: TensorInfo, block_bytes: int) -> int:
 
 
 class Executor:
-    def __init__(self, plan: Plan, dst: Path, block_bytes: int = BLOCK_BYTES) -> None:
+    def __init__(self, plan: Plan, dst: Path, block_bytes: int = BLOCK_BYTES, hooks: Hooks | None = None) -> None:
         self.plan = plan
         self.dst = dst
         self.block_bytes = block_bytes
-        self.reader = ShardReader()
+        self.hooks = hooks or Hooks()
+        self.reader = ShardReader(on_open=self.hooks.fetch)
         self.k = _kernels()
         self._global_scales: dict[str, np.float32] = {}
         self._by_name = {op.source.name: op for op in plan.ops}
@@ -114,7 +133,7 @@ class Executor:
     def run_op(self, op: Op, w: ShardWriter) -> None:
         if op.kind == "copy":
             out = op.outputs[0]
-            fd = self.reader._fd(op.source.path)
+            fd = self.reader.fd(op.source.path)
             w.copy_from(fd, op.source.begin, op.source.nbytes, out.offset)
             return
         scheme = SCHEMES[op.scheme]
@@ -145,6 +164,7 @@ class Executor:
         ops_by_shard: list[list[Op]] = [[] for _ in plan.shards]
         for op in plan.ops:
             ops_by_shard[op.outputs[0].shard].append(op)
+        releases = self._release_points()
         written = []
         try:
             for shard, ops in zip(plan.shards, ops_by_shard):
@@ -153,12 +173,17 @@ class Executor:
                     for op in ops:
                         self.run_op(op, sw)
                         progress.on_tensor(op, op.source.nbytes)
+                        for src_path in releases.get(id(op), ()):
+                            self.reader.drop(src_path)
+                            self.hooks.release(src_path)
                     path = sw.finish()
                 finally:
                     sw.abort()
                 written.append(path)
                 progress.on_shard(path)
+                self.hooks.shard_done(path)
             self.write_small_files()
+            self.hooks.finished(self.dst)
         finally:
             self.reader.close()
         return Result(
@@ -169,6 +194,23 @@ class Executor:
             passed=sum(op.kind != "quantize" for op in plan.ops),
             shards=written,
         )
+
+    def _release_points(self) -> dict[int, list[Path]]:
+        """For each op, the source files whose last reader it is (fused partners count:
+        a scale group's global scale is computed at its first op, reading every member)."""
+        last: dict[Path, Op] = {}
+        seen_groups: set[str] = set()
+        for op in self.plan.ops:
+            last[op.source.path] = op
+            if op.scale_group and op.scale_group not in seen_groups:
+                seen_groups.add(op.scale_group)
+                for name in self.plan.scale_groups[op.scale_group]:
+                    p = self._by_name[name].source.path
+                    last[p] = op  # read now; its own later ops move this on
+        out: dict[int, list[Path]] = {}
+        for path, op in last.items():
+            out.setdefault(id(op), []).append(path)
+        return out
 
     def write_small_files(self) -> None:
         from .card import model_card

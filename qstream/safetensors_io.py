@@ -15,6 +15,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -174,14 +175,17 @@ def read_header(path: Path) -> ShardHeader:
 class ShardReader:
     """pread-based reader for tensor rows; one file descriptor per path, thread safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_open: Callable[[Path], None] | None = None) -> None:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self._on_open = on_open
 
-    def _fd(self, path: Path) -> int:
+    def fd(self, path: Path) -> int:
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
+                if self._on_open is not None:
+                    self._on_open(path)
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as e:
@@ -191,7 +195,7 @@ class ShardReader:
 
     def read_bytes(self, path: Path, begin: int, nbytes: int, out: memoryview | None = None) -> memoryview:
         buf = out if out is not None else memoryview(bytearray(nbytes))
-        fd = self._fd(path)
+        fd = self.fd(path)
         got = 0
         while got < nbytes:
             n = os.preadv(fd, [buf[got:nbytes]], begin + got)
@@ -224,14 +228,19 @@ class ShardReader:
         rows = info.shape[0] if info.shape else 1
         return self.read_rows(info, 0, rows)
 
-    def drop_cache(self, path: Path) -> None:
-        """Tell the kernel we are done with a file's pages (unified-memory friendly)."""
-        fd = self._fds.get(path)
-        if fd is not None and hasattr(os, "posix_fadvise"):
+    def drop(self, path: Path) -> None:
+        """Done with a file: drop its pages from the page cache (they compete with the
+        GPU on unified-memory machines) and close it."""
+        with self._lock:
+            fd = self._fds.pop(path, None)
+        if fd is None:
+            return
+        if hasattr(os, "posix_fadvise"):
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass
+        os.close(fd)
 
     def close(self) -> None:
         with self._lock:
