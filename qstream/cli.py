@@ -134,8 +134,13 @@ def inspect(src, mlp, ignore, recipe, max_shard_size, tensors, as_json):
 @plan_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace the weights, index, config and card in a non-empty DST.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted conversion into DST: finished shards are "
+              "checked against the journal (size and SHA-256) and kept, the rest is redone. Refuses if the "
+              "source or options changed.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Worker threads for reading, quantizing and writing (default: all cores).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors and warnings.")
-def convert(src, dst, mlp, ignore, recipe, max_shard_size, dry_run, overwrite, quiet):
+def convert(src, dst, mlp, ignore, recipe, max_shard_size, dry_run, overwrite, resume, threads, quiet):
     """Convert SRC (a checkpoint folder) into DST (a new folder)."""
     from .convert import Executor
     from .progress import make_progress
@@ -150,10 +155,14 @@ def convert(src, dst, mlp, ignore, recipe, max_shard_size, dry_run, overwrite, q
     for w in plan.warnings:
         err.print(f"[yellow]warning:[/] {w}")
     dstp = Path(dst)
-    prepare_dst(plan.source.root, dstp, overwrite=overwrite, resume=False)
+    prepare_dst(plan.source.root, dstp, overwrite=overwrite, resume=resume)
     progress, done = make_progress(console, quiet)
     try:
-        result = Executor(plan, dstp).run(progress)
+        result = Executor(plan, dstp, threads=threads, resume=resume).run(progress)
+    except KeyboardInterrupt:
+        done()
+        err.print(f"[yellow]interrupted:[/] finished shards are kept; run the same command with --resume to continue.")
+        sys.exit(130)
     finally:
         done()
     if not quiet:
@@ -171,8 +180,15 @@ def convert(src, dst, mlp, ignore, recipe, max_shard_size, dry_run, overwrite, q
         console.print(t)
 
 
+def _sigterm(signum, frame):  # pragma: no cover - exercised by the resume tests
+    raise KeyboardInterrupt
+
+
 def run() -> None:
     """Entry point that turns qstream errors into one line and an exit code."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _sigterm)
     try:
         main(standalone_mode=False)
     except QStreamError as e:
@@ -185,5 +201,5 @@ def run() -> None:
         e.show()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted:[/] nothing finished was left in DST; run the same command again to restart.")
+        err.print("[yellow]interrupted[/]")
         sys.exit(130)

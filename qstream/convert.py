@@ -1,15 +1,23 @@
 """Execute a plan: stream every tensor from the source into its planned place.
 
-Memory stays flat: a tensor is read in row blocks of at most ``block_bytes``,
-transformed, and written at its planned offset; nothing larger than a block
-(plus a tensor's small scale arrays) is ever held.
+Work is cut into items (a row block of a tensor to quantize, or a byte range to
+copy); a pool of threads runs them, each item doing pread -> fused kernel ->
+pwrite at the planned offset. The kernels and the I/O release the GIL, so
+reading, quantizing and writing overlap across items. At most ``2 x threads``
+items are in flight, so memory stays flat whatever the model size. Offsets are
+fixed by the plan, so the output is byte-identical for any thread count.
+
+A finished shard is fsynced, renamed into place, hashed and recorded in the
+journal by a background finisher while the next shard is converted.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,12 +25,14 @@ from typing import Callable
 import numpy as np
 
 from .errors import QStreamError
-from .plan import Op, Plan
-from .safetensors_io import DTYPES, ShardReader, TensorInfo
+from .journal import open_journal, sha256_file
+from .plan import Op, OutShard, Plan
+from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
 from .schemes import SCHEMES
 from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, write_atomic, write_json
 
-BLOCK_BYTES = 64 << 20
+BLOCK_BYTES = 16 << 20  # source bytes per work item
+COPY_CHUNK = 64 << 20
 
 
 def _kernels():
@@ -47,6 +57,7 @@ class Progress:
     on_start: Callable[[Plan], None] = lambda plan: None
     on_tensor: Callable[[Op, int], None] = lambda op, nbytes: None
     on_shard: Callable[[Path], None] = lambda path: None
+    on_note: Callable[[str], None] = lambda msg: None
 
 
 class Hooks:
@@ -75,6 +86,7 @@ class Result:
     quantized: int
     passed: int
     shards: list[Path] = field(default_factory=list)
+    resumed: int = 0  # shards kept from an earlier run
 
 
 def _rows_per_block(info: TensorInfo, block_bytes: int) -> int:
@@ -83,11 +95,14 @@ def _rows_per_block(info: TensorInfo, block_bytes: int) -> int:
 
 
 class Executor:
-    def __init__(self, plan: Plan, dst: Path, block_bytes: int = BLOCK_BYTES, hooks: Hooks | None = None) -> None:
+    def __init__(self, plan: Plan, dst: Path, *, threads: int | None = None, block_bytes: int = BLOCK_BYTES,
+                 hooks: Hooks | None = None, resume: bool = False) -> None:
         self.plan = plan
         self.dst = dst
+        self.threads = max(1, threads or os.cpu_count() or 1)
         self.block_bytes = block_bytes
         self.hooks = hooks or Hooks()
+        self.resume = resume
         self.reader = ShardReader(on_open=self.hooks.fetch)
         self.k = _kernels()
         self._global_scales: dict[str, np.float32] = {}
@@ -98,93 +113,144 @@ class Executor:
         rows = info.shape[0]
         step = _rows_per_block(info, self.block_bytes)
         for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            yield r0, r1, self.reader.read_rows(info, r0, r1)
+            yield r0, min(rows, r0 + step)
 
-    def _check_finite(self, info: TensorInfo, w: np.ndarray, amax: float) -> None:
-        if not math.isfinite(amax):
-            bad = int((~np.isfinite(w.astype(np.float32))).sum())
-            raise QStreamError(
-                f"tensor {info.name!r} ({info.path.name}) contains {bad} NaN/Inf values; "
-                "it cannot be quantized: fix the source weights or exclude it with --ignore."
-            )
+    def _nonfinite(self, info: TensorInfo) -> QStreamError:
+        bad = 0
+        for r0, r1 in self._blocks(info):
+            bad += int((~np.isfinite(self.reader.read_rows(info, r0, r1).astype(np.float32))).sum())
+        return QStreamError(
+            f"tensor {info.name!r} ({info.path.name}) contains {bad} NaN/Inf values; it cannot be "
+            "quantized: fix the source weights or exclude it with --ignore."
+        )
 
     def tensor_absmax(self, info: TensorInfo) -> float:
         amax = 0.0
-        for _, _, w in self._blocks(info):
-            a = float(self.k.absmax(w))
-            self._check_finite(info, w, a)
+        for r0, r1 in self._blocks(info):
+            a = float(self.k.absmax(self.reader.read_rows(info, r0, r1)))
+            if not math.isfinite(a):
+                raise self._nonfinite(info)
             amax = max(amax, a)
         return amax
 
     def global_scale(self, op: Op) -> np.float32:
+        """NVFP4 global scale of the op's scale group (fused partners share it)."""
         key = op.scale_group
         assert key is not None
         gs = self._global_scales.get(key)
         if gs is None:
             from .schemes import reference
+
             names = self.plan.scale_groups[key]
             amax = max(self.tensor_absmax(self._by_name[n].source) for n in names)
             gs = reference.nvfp4_global_scale(amax, DTYPES[op.source.dtype].type)
             self._global_scales[key] = gs
         return gs
 
-    # ---------------------------------------------------------------- ops
-    def run_op(self, op: Op, w: ShardWriter) -> None:
+    # ---------------------------------------------------------------- work items
+    def _items(self, op: Op, w: ShardWriter):
+        """Callables that together write every output of ``op``."""
+        info = op.source
         if op.kind == "copy":
             out = op.outputs[0]
-            fd = self.reader.fd(op.source.path)
-            w.copy_from(fd, op.source.begin, op.source.nbytes, out.offset)
+            for off in range(0, max(info.nbytes, 1), COPY_CHUNK):
+                n = min(COPY_CHUNK, info.nbytes - off)
+                if n <= 0:
+                    break
+                yield lambda off=off, n=n: w.copy_from(self.reader.fd(info.path), info.begin + off, n, out.offset + off)
             return
         scheme = SCHEMES[op.scheme]
-        info = op.source
         _, cols = info.shape
         packed_t, scale_t = op.outputs[0], op.outputs[1]
-        scale_row_bytes = (cols // scheme.group_size) * (1 if scheme.scale_dtype in ("U8", "F8_E4M3") else 4)
-        if scheme.has_global_scale:
-            gs = self.global_scale(op)
-        for r0, r1, block in self._blocks(info):
-            a = float(self.k.absmax(block))
-            self._check_finite(info, block, a)
-            if scheme.name == "nvfp4":
-                packed, scale = self.k.quantize_nvfp4(block, gs)
-            else:
-                packed, scale = self.k.quantize_mxfp4(block)
-            w.pwrite(packed_t.offset + r0 * (cols // 2), np.ascontiguousarray(packed))
-            w.pwrite(scale_t.offset + r0 * scale_row_bytes, np.ascontiguousarray(scale))
-        if scheme.has_global_scale:
+        groups = cols // scheme.group_size
+        gs = self.global_scale(op) if scheme.has_global_scale else None
+        if gs is not None:
             w.pwrite(op.outputs[2].offset, np.asarray([gs], dtype=np.float32))
+        k = self.k
+
+        def block(r0: int, r1: int) -> None:
+            x = self.reader.read_rows(info, r0, r1)
+            if not math.isfinite(float(k.absmax(x))):
+                raise self._nonfinite(info)
+            if gs is not None:
+                packed, scale = k.quantize_nvfp4(x, gs)
+            else:
+                packed, scale = k.quantize_mxfp4(x)
+            w.pwrite(packed_t.offset + r0 * (cols // 2), packed)
+            w.pwrite(scale_t.offset + r0 * groups, scale)
+
+        for r0, r1 in self._blocks(info):
+            yield lambda r0=r0, r1=r1: block(r0, r1)
 
     # ---------------------------------------------------------------- whole run
     def run(self, progress: Progress | None = None) -> Result:
         progress = progress or Progress()
-        plan = self.plan
+        plan, dst = self.plan, self.dst
         t0 = time.perf_counter()
+        staging = dst / STAGING_DIR
+        staging.mkdir(parents=True, exist_ok=True)
+        journal, notes = open_journal(dst, staging, plan.fingerprint(), self.resume)
+        for n in notes:
+            progress.on_note(n)
         progress.on_start(plan)
         ops_by_shard: list[list[Op]] = [[] for _ in plan.shards]
         for op in plan.ops:
             ops_by_shard[op.outputs[0].shard].append(op)
         releases = self._release_points()
-        written = []
+
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="qstream")
+        finisher = ThreadPoolExecutor(1, thread_name_prefix="qstream-finish")
+        slots = threading.BoundedSemaphore(2 * self.threads)
+        finishing: list[Future] = []
+        written: list[Path] = []
+        resumed = 0
+        current: ShardWriter | None = None
         try:
             for shard, ops in zip(plan.shards, ops_by_shard):
-                sw = ShardWriter(self.dst, shard)
-                try:
+                to_release = [p for op in ops for p in releases.get(id(op), ())]
+                if shard.filename in journal.shards:
+                    resumed += 1
                     for op in ops:
-                        self.run_op(op, sw)
                         progress.on_tensor(op, op.source.nbytes)
-                        for src_path in releases.get(id(op), ()):
-                            self.reader.drop(src_path)
-                            self.hooks.release(src_path)
-                    path = sw.finish()
-                finally:
-                    sw.abort()
-                written.append(path)
-                progress.on_shard(path)
-                self.hooks.shard_done(path)
+                    written.append(dst / shard.filename)
+                    progress.on_note(f"{shard.filename}: already done (checksum verified), kept")
+                    self._release(to_release)
+                    self.hooks.shard_done(dst / shard.filename)
+                    continue
+                current = ShardWriter(dst, shard)
+                futures: list[Future] = []
+                for op in ops:
+                    for item in self._items(op, current):
+                        slots.acquire()
+                        f = pool.submit(item)
+                        f.add_done_callback(lambda _f: slots.release())
+                        futures.append(f)
+                        if f.done() and f.exception():
+                            break
+                    self._raise_first(futures)
+                    progress.on_tensor(op, op.source.nbytes)
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                self._raise_first(futures)
+                self._release(to_release)
+                sw, current = current, None
+                finishing.append(finisher.submit(self._finish_shard, sw, shard, journal, progress))
+                finishing[-1].add_done_callback(lambda f: f.exception())  # surfaced below
+                self._raise_first(finishing)
+            for f in finishing:
+                written.append(f.result())
             self.write_small_files()
-            self.hooks.finished(self.dst)
+            journal.complete = True
+            journal.save()
+            self.hooks.finished(dst)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            finisher.shutdown(wait=True, cancel_futures=True)
+            if current is not None:
+                current.abort()
+            raise
         finally:
+            pool.shutdown(wait=True)
+            finisher.shutdown(wait=True)
             self.reader.close()
         return Result(
             seconds=time.perf_counter() - t0,
@@ -192,8 +258,28 @@ class Executor:
             bytes_out=plan.bytes_out,
             quantized=sum(op.kind == "quantize" for op in plan.ops),
             passed=sum(op.kind != "quantize" for op in plan.ops),
-            shards=written,
+            shards=sorted(set(written)),
+            resumed=resumed,
         )
+
+    @staticmethod
+    def _raise_first(futures: list[Future]) -> None:
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+
+    def _release(self, paths: list[Path]) -> None:
+        for p in paths:
+            self.reader.drop(p)
+            self.hooks.release(p)
+
+    def _finish_shard(self, sw: ShardWriter, shard: OutShard, journal, progress: Progress) -> Path:
+        path = sw.finish()
+        journal.record(shard.filename, path.stat().st_size, sha256_file(path))
+        drop_pages(path)
+        progress.on_shard(path)
+        self.hooks.shard_done(path)
+        return path
 
     def _release_points(self) -> dict[int, list[Path]]:
         """For each op, the source files whose last reader it is (fused partners count:
@@ -205,8 +291,7 @@ class Executor:
             if op.scale_group and op.scale_group not in seen_groups:
                 seen_groups.add(op.scale_group)
                 for name in self.plan.scale_groups[op.scale_group]:
-                    p = self._by_name[name].source.path
-                    last[p] = op  # read now; its own later ops move this on
+                    last[self._by_name[name].source.path] = op  # read now; its own later ops move this on
         out: dict[int, list[Path]] = {}
         for path, op in last.items():
             out.setdefault(id(op), []).append(path)
@@ -221,11 +306,7 @@ class Executor:
         write_json(dst / "model.safetensors.index.json", plan.index())
         write_json(dst / "config.json", output_config(plan.source.config, plan.quantization_config))
         write_atomic(dst / "README.md", model_card(plan))
-        try:
-            (dst / STAGING_DIR).rmdir()
-        except OSError:
-            pass
 
 
-def convert(plan: Plan, dst: Path, progress: Progress | None = None) -> Result:
-    return Executor(plan, dst).run(progress)
+def convert(plan: Plan, dst: Path, progress: Progress | None = None, **kw) -> Result:
+    return Executor(plan, dst, **kw).run(progress)

@@ -40,7 +40,7 @@ def make_progress(console: Console, quiet: bool) -> tuple[Progress, Callable[[],
         def on_shard(path):
             bar.console.print(f"wrote {path.name}")
 
-        return Progress(on_start, on_tensor, on_shard), bar.stop
+        return Progress(on_start, on_tensor, on_shard, lambda msg: bar.console.print(msg)), bar.stop
 
     st = {"t0": 0.0, "done": 0, "total": 1, "n": 0, "ntot": 0, "last": 0.0}
 
@@ -63,4 +63,4 @@ def make_progress(console: Console, quiet: bool) -> tuple[Progress, Callable[[],
     def p_shard(path):
         console.print(f"wrote {path.name}")
 
-    return Progress(p_start, p_tensor, p_shard), lambda: None
+    return Progress(p_start, p_tensor, p_shard, lambda msg: console.print(msg)), lambda: None

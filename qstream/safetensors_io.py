@@ -255,6 +255,22 @@ class ShardReader:
         self.close()
 
 
+def drop_pages(path: Path) -> None:
+    """Drop a file's pages from the page cache (no-op where unsupported)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def build_header(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None) -> bytes:
     """Serialize a safetensors header (8-byte length + JSON padded with spaces to 8)."""
     obj: dict[str, object] = {}

@@ -144,7 +144,9 @@ def prepare_dst(src_root: Path, dst: Path, overwrite: bool, resume: bool) -> Non
         raise QStreamError(f"{dst}: DST is inside SRC ({src_root}); choose a destination outside the source folder.")
     if dst.exists() and not dst.is_dir():
         raise QStreamError(f"{dst}: DST exists and is not a folder; choose a new folder.")
-    if dst.exists() and any(p.name != STAGING_DIR for p in dst.iterdir()) and not (overwrite or resume):
+    if dst.exists() and any(dst.iterdir()) and not (overwrite or resume):
+        if (dst / STAGING_DIR / "journal.json").exists() and not (dst / "config.json").exists():
+            raise QStreamError(f"{dst}: holds an interrupted conversion; pass --resume to continue it, --overwrite to start over, or choose a new folder.")
         raise QStreamError(f"{dst}: DST exists and is not empty; pass --overwrite to replace it, --resume to continue an interrupted run, or choose a new folder.")
     try:
         dst.mkdir(parents=True, exist_ok=True)

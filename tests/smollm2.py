@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -295,7 +296,10 @@ def load_causal_lm(path):
         from transformers import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map=None, **kwargs)
+    with warnings.catch_warnings():
+        # "You passed `quantization_config` ... loading attributes ... will be overwritten": intended
+        warnings.filterwarnings("ignore", message=".*quantization_config.*", category=UserWarning)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map=None, **kwargs)
     model.eval()
     if qcfg is not None:
         assert_dense_bf16(model)
@@ -326,12 +330,13 @@ def eval_tokens(tokenizer, n_tokens: int = 8192) -> torch.LongTensor:
     """The first ``n_tokens`` tokens of tests/data/pride_and_prejudice.txt (1-D LongTensor).
 
     Tokenised with ``add_special_tokens=False`` (no BOS: SmolLM2's tokenizer adds none
-    by default). Fewer tokens are returned if the text is shorter, but at least 4096.
+    by default). Fewer tokens are returned if the text is shorter; the text must give at
+    least ``min(n_tokens, 4096)`` (it has about 13.5k).
     """
     text = TEXT_PATH.read_text(encoding="utf-8")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     tokens = torch.tensor(ids[:n_tokens], dtype=torch.long)
-    assert tokens.numel() >= 4096, f"only {tokens.numel()} tokens in {TEXT_PATH}"
+    assert tokens.numel() >= min(n_tokens, 4096), f"only {tokens.numel()} tokens in {TEXT_PATH}"
     return tokens
 
 

@@ -114,7 +114,10 @@ def test_config_and_side_files(converted, tiny_ckpt):
     card = (dst / "README.md").read_text()
     assert card.startswith("---\n") and "base_model_relation: quantized" in card and "license: apache-2.0" in card
     assert f"--mlp {scheme}" in card and scheme in card
-    assert not (dst / ".qstream").exists()
+    # only the journal stays in the hidden staging folder: nothing half-written
+    assert [p.name for p in (dst / ".qstream").iterdir()] == ["journal.json"]
+    journal = json.loads((dst / ".qstream" / "journal.json").read_text())
+    assert journal["complete"] and set(journal["shards"]) == {p.name for p in dst.glob("*.safetensors")}
 
 
 def test_config_resolves_every_module(converted):

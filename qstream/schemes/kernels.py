@@ -34,7 +34,7 @@ import time
 import ml_dtypes
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import get_num_threads, literally, njit, prange, types
 from numba.extending import intrinsic
 
 __all__ = [
@@ -229,6 +229,11 @@ def _fp4(q):
 
 
 # ---------------------------------------------------------------- row kernels
+#
+# ``kind`` reaches the row kernels as a compile-time literal (``numba.literally`` in
+# the matrix kernels), so every dtype branch below is pruned at compile time. The
+# codes of a row go to a row-sized uint8 scratch in a loop LLVM can vectorize, and
+# are packed two per byte in a second loop.
 
 
 @njit(inline="always", nogil=True, cache=True)
@@ -238,19 +243,27 @@ def _abs_mask(kind):
     return np.uint32(0x7FFF)
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _group_amax_bits(w, r, base, size, mask):
+    """max of the magnitude bits of one group (monotonic in |x| for non-NaN)."""
+    m = np.uint32(0)
+    for j in range(size):
+        m = max(m, np.uint32(w[r, base + j]) & mask)
+    return m
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _pack_row(codes, packed, r):
+    for j in range(packed.shape[1]):
+        packed[r, j] = codes[2 * j] | (codes[2 * j + 1] << np.uint8(4))
+
+
 @njit(nogil=True, cache=True)
-def _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale):
+def _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale, codes):
     mask = _abs_mask(kind)
-    ngroups = w.shape[1] // 16
-    for g in range(ngroups):
+    for g in range(w.shape[1] // 16):
         base = g * 16
-        # group amax on the magnitude bits (monotonic for non-NaN values)
-        m = np.uint32(0)
-        for j in range(16):
-            v = np.uint32(w[r, base + j]) & mask
-            if v > m:
-                m = v
-        amax = _decode(m, kind)
+        amax = _decode(_group_amax_bits(w, r, base, 16, mask), kind)
         s = _round_to(amax / _F32_SIX, kind)  # dtype(amax / 6)
         t = gs * s  # float32
         if t > _F32_E4M3_MAX:
@@ -262,54 +275,46 @@ def _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale):
             sv = _F32_ZERO_SCALE
         scale[r, g] = code
         sc = sv / gs  # float32(scale / global_scale)
-        for j in range(8):
-            q0 = _decode(w[r, base + 2 * j], kind) / sc
-            q1 = _decode(w[r, base + 2 * j + 1], kind) / sc
-            packed[r, g * 8 + j] = _fp4(q0) | (_fp4(q1) << np.uint8(4))
+        for j in range(16):
+            codes[base + j] = _fp4(_decode(w[r, base + j], kind) / sc)
+    _pack_row(codes, packed, r)
 
 
 @njit(nogil=True, cache=True)
-def _mxfp4_row(w, r, kind, packed, scale):
+def _mxfp4_row(w, r, kind, packed, scale, codes):
     mask = _abs_mask(kind)
+    # round_to_power_2 constants: 1 << (mantissa - 2), sign+exponent mask
     if kind == 0:
         add, keep, mshift, bias, emax = 0x20, 0xFF80, 7, 127, 0xFF
     elif kind == 1:
         add, keep, mshift, bias, emax = 0x100, 0xFC00, 10, 15, 0x1F
     else:
         add, keep, mshift, bias, emax = 0x200000, 0xFF800000, 23, 127, 0xFF
-    ngroups = w.shape[1] // 32
-    for g in range(ngroups):
+    for g in range(w.shape[1] // 32):
         base = g * 32
-        m = np.uint32(0)
-        for j in range(32):
-            v = np.uint32(w[r, base + j]) & mask
-            if v > m:
-                m = v
-        # round_to_power_2 on the amax bits, e = 127 + log2(p2) - 2
+        m = _group_amax_bits(w, r, base, 32, mask)
         p2 = (np.int64(m) + add) & keep
         ef = p2 >> mshift
         if ef == emax:
             # amax rounds up to inf: scale inf, every q = +-0 -> code 0, and the
             # written exponent is (127 + INT32_MIN) & 0xFF == 127 (see reference)
             scale[r, g] = np.uint8(127)
-            for j in range(16):
-                packed[r, g * 16 + j] = np.uint8(0)
+            for j in range(32):
+                codes[base + j] = np.uint8(0)
             continue
         if p2 == 0:
             e = np.int64(0)  # log2(0) = -inf, clamped to 0
         else:
-            e = 127 + (ef - bias) - 2
-            if e < 0:
-                e = np.int64(0)
+            e = max(np.int64(127 + (ef - bias) - 2), np.int64(0))
         if kind == 1 and e < 127 - 24:
-            e = np.int64(127)  # 2**(e-127) underflows fp16 -> eps 1.0 -> 2**0
+            e = np.int64(127)  # 2**(e-127) underflows fp16 -> eps 1.0 == 2**0
         scale[r, g] = np.uint8(e)
         inv = _bits_f32(np.uint32(254 - e) << np.uint32(23))  # 2**(127 - e), exact
-        for j in range(16):
-            # x / 2**(e-127) == x * 2**(127-e) exactly, then rounded to the dtype
-            q0 = _round_to(_decode(w[r, base + 2 * j], kind) * inv, kind)
-            q1 = _round_to(_decode(w[r, base + 2 * j + 1], kind) * inv, kind)
-            packed[r, g * 16 + j] = _fp4(q0) | (_fp4(q1) << np.uint8(4))
+        for j in range(32):
+            # x / 2**(e-127) == x * 2**(127-e) exactly; then rounded to the dtype
+            q = _round_to(_decode(w[r, base + j], kind) * inv, kind)
+            codes[base + j] = _fp4(q)
+    _pack_row(codes, packed, r)
 
 
 # ------------------------------------------------------------ whole-matrix kernels
@@ -317,35 +322,47 @@ def _mxfp4_row(w, r, kind, packed, scale):
 
 @njit(nogil=True, cache=True)
 def _nvfp4_serial(w, kind, gs, e4m3_values, packed, scale):
+    literally(kind)
+    codes = np.empty(w.shape[1], dtype=np.uint8)
     for r in range(w.shape[0]):
-        _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale)
+        _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale, codes)
 
 
 @njit(nogil=True, cache=True, parallel=True)
 def _nvfp4_parallel(w, kind, gs, e4m3_values, packed, scale):
-    for r in prange(w.shape[0]):
-        _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale)
+    literally(kind)
+    rows = w.shape[0]
+    nchunks = min(rows, 4 * get_num_threads())
+    for c in prange(nchunks):
+        codes = np.empty(w.shape[1], dtype=np.uint8)
+        for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
+            _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale, codes)
 
 
 @njit(nogil=True, cache=True)
 def _mxfp4_serial(w, kind, packed, scale):
+    literally(kind)
+    codes = np.empty(w.shape[1], dtype=np.uint8)
     for r in range(w.shape[0]):
-        _mxfp4_row(w, r, kind, packed, scale)
+        _mxfp4_row(w, r, kind, packed, scale, codes)
 
 
 @njit(nogil=True, cache=True, parallel=True)
 def _mxfp4_parallel(w, kind, packed, scale):
-    for r in prange(w.shape[0]):
-        _mxfp4_row(w, r, kind, packed, scale)
+    literally(kind)
+    rows = w.shape[0]
+    nchunks = min(rows, 4 * get_num_threads())
+    for c in prange(nchunks):
+        codes = np.empty(w.shape[1], dtype=np.uint8)
+        for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
+            _mxfp4_row(w, r, kind, packed, scale, codes)
 
 
 @njit(nogil=True, cache=True)
 def _absmax_bits(flat, mask):
     m = flat.dtype.type(0)
     for i in range(flat.shape[0]):
-        v = flat[i] & mask
-        if v > m:
-            m = v
+        m = max(m, flat[i] & mask)
     return m
 
 
@@ -353,6 +370,20 @@ def _absmax_bits(flat, mask):
 def _e4m3_array(x, out):
     for i in range(x.shape[0]):
         out[i] = _e4m3(x[i])
+
+
+@njit(nogil=True, cache=True)
+def _round_array(x, kind, out):
+    """float32 -> dtype rounding of the kernels, for tests (kind 0 bf16, 1 fp16)."""
+    for i in range(x.shape[0]):
+        out[i] = _round_to(x[i], kind)
+
+
+@njit(nogil=True, cache=True)
+def _decode_array(bits, kind, out):
+    """raw bits -> float32 decoding of the kernels, for tests."""
+    for i in range(bits.shape[0]):
+        out[i] = _decode(bits[i], kind)
 
 
 # ------------------------------------------------------------------ python API
