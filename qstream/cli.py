@@ -27,7 +27,10 @@ err = Console(stderr=True)
 
 
 def _console(quiet: bool) -> Console:
-    return Console(quiet=quiet, highlight=False)
+    c = Console(quiet=quiet, highlight=False)
+    if not c.is_terminal:  # logs and pipes: wide enough that tables do not wrap names
+        c = Console(quiet=quiet, highlight=False, width=max(c.width, 160))
+    return c
 
 
 def plan_options(f):
@@ -35,6 +38,11 @@ def plan_options(f):
                      help="Scheme for the MLP linears (gate/up/down, experts). mxfp4: E2M1 + E8M0 scale per 32 "
                           "(4.25 bits/weight); nvfp4: E2M1 + FP8 scale per 16 + FP32 global scale (4.5 bits); "
                           "none: copy everything.")(f)
+    f = click.option("--attn", type=click.Choice(["keep", "bf16", "fp8"]), default="keep", show_default=True,
+                     help="Attention linears. keep: as the source has them (BF16 passes through; FP8 keeps its "
+                          "bytes, scales renamed for compressed-tensors); bf16: dequantize FP8 attention to BF16; "
+                          "fp8: FP8 E4M3 weights with per-channel scales and dynamic per-token activations "
+                          "(FP8_DYNAMIC) from a BF16/FP16/FP32 source.")(f)
     f = click.option("--ignore", "ignore", multiple=True, metavar="REGEX",
                      help="Leave tensors whose name matches REGEX (Python re.search) unquantized. Repeatable.")(f)
     f = click.option("--recipe", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -45,9 +53,11 @@ def plan_options(f):
     return f
 
 
-def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, max_shard_size: str) -> Plan:
-    ckpt = open_checkpoint(Path(src))
-    opts = Options(mlp=mlp, ignore=tuple(ignore), recipe=recipe, max_shard_size=parse_size(max_shard_size))
+def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, max_shard_size: str,
+               attn: str = "keep",
+               revision: str | None = None, download_dir: Path | None = None) -> Plan:
+    ckpt = open_checkpoint(src, revision=revision, download_dir=download_dir)
+    opts = Options(mlp=mlp, attn=attn, ignore=tuple(ignore), recipe=recipe, max_shard_size=parse_size(max_shard_size))
     plan = make_plan(ckpt, opts)
     plan.command = "qstream " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     return plan
@@ -55,15 +65,18 @@ def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, 
 
 def print_plan(plan: Plan, console: Console, tensors: bool = False) -> None:
     src = plan.source
-    console.print(f"[bold]{src.root}[/]  family: [cyan]{plan.family}[/]  "
+    console.print(f"[bold]{getattr(src, 'label', src.root)}[/]  family: [cyan]{plan.family}[/]  "
                   f"{len(plan.ops)} tensors in {len(src.shards)} shard(s)")
     t = Table(title="Plan by role", title_justify="left")
     for c, j in [("role", "left"), ("tensors", "right"), ("quantized", "right"), ("action", "left"),
                  ("bytes in", "right"), ("bytes out", "right"), ("ratio", "right")]:
         t.add_column(c, justify=j)
     for role, s in plan.by_role().items():
-        schemes = sorted({op.scheme for op in plan.ops if op.role == role and op.kind == "quantize"})
-        action = (", ".join(schemes) + (" + passthrough" if s.quantized < s.tensors else "")) if schemes else "passthrough"
+        actions: dict[str, int] = {}
+        for op in plan.ops:
+            if op.role == role:
+                actions[op.action] = actions.get(op.action, 0) + 1
+        action = ", ".join(sorted(actions, key=lambda a: -actions[a]))
         t.add_row(role, str(s.tensors), str(s.quantized), action, human(s.bytes_in), human(s.bytes_out),
                   f"{s.bytes_in / s.bytes_out:.2f}x" if s.bytes_out else "-")
     t.add_section()
@@ -81,7 +94,7 @@ def print_plan(plan: Plan, console: Console, tensors: bool = False) -> None:
             ins = f"{op.source.dtype} {list(op.source.shape)}"
             outs = "\n".join(f"{o.name.rsplit('.', 1)[-1]} {o.dtype} {list(o.shape)}" for o in op.outputs) \
                 if op.kind == "quantize" else "same"
-            action = op.scheme if op.kind == "quantize" else ("copy" + (f" ({op.note})" if op.note else ""))
+            action = op.action + (f" ({op.note})" if op.note else "")
             tt.add_row(op.source.name, op.role, action, ins, outs, str(op.outputs[0].shard + 1))
         console.print(tt)
     for w in plan.warnings:
@@ -90,7 +103,7 @@ def print_plan(plan: Plan, console: Console, tensors: bool = False) -> None:
 
 def plan_json(plan: Plan) -> dict:
     return {
-        "source": str(plan.source.root),
+        "source": str(getattr(plan.source, "label", plan.source.root)),
         "family": plan.family,
         "bytes_in": plan.bytes_in,
         "bytes_out": plan.bytes_out,
@@ -98,6 +111,7 @@ def plan_json(plan: Plan) -> dict:
         "shards": [{"file": s.filename, "bytes": s.file_bytes} for s in plan.shards],
         "tensors": [
             {"source": op.source.name, "role": op.role, "action": op.kind, "scheme": op.scheme,
+             "label": op.action,
              "outputs": [{"name": o.name, "dtype": o.dtype, "shape": list(o.shape), "bytes": o.nbytes,
                           "shard": plan.shards[o.shard].filename} for o in op.outputs]}
             for op in plan.ops
@@ -114,14 +128,18 @@ def main() -> None:
     tensor by tensor, without loading the model."""
 
 
+REVISION_HELP = "Hub source (SRC = org/name): the branch, tag or commit to convert (default: main)."
+
+
 @main.command()
 @click.argument("src")
 @plan_options
 @click.option("--tensors", is_flag=True, help="Also list every tensor with its action, shapes and output shard.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
-def inspect(src, mlp, ignore, recipe, max_shard_size, tensors, as_json):
+@click.option("--revision", default=None, help=REVISION_HELP)
+def inspect(src, mlp, attn, ignore, recipe, max_shard_size, tensors, as_json, revision):
     """Show the plan for SRC: what happens to every tensor and the output size. Reads no tensor data."""
-    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size)
+    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, revision=revision)
     if as_json:
         click.echo(json.dumps(plan_json(plan), indent=1))
     else:
@@ -140,14 +158,34 @@ def inspect(src, mlp, ignore, recipe, max_shard_size, tensors, as_json):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Worker threads for reading, quantizing and writing (default: all cores).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors and warnings.")
-def convert(src, dst, mlp, ignore, recipe, max_shard_size, dry_run, overwrite, resume, threads, quiet):
-    """Convert SRC (a checkpoint folder) into DST (a new folder)."""
+@click.option("--revision", default=None, help=REVISION_HELP)
+@click.option("--low-disk", is_flag=True,
+              help="Keep disk use near two source plus two output shards: delete each downloaded source shard "
+                   "once every tensor that needs it is written and, with --push-to-hub, each output shard once "
+                   "it is uploaded (DST then keeps only the small files).")
+@click.option("--push-to-hub", "push_to_hub", metavar="ORG/NAME", default=None,
+              help="Create the Hub repo if needed, upload each shard as soon as it is written (while the next is "
+                   "converted), then make one commit with everything. Rerunning the same command after an "
+                   "interruption resumes and re-sends nothing the Hub already has. Root-level *.safetensors in "
+                   "the repo that the new index does not name are deleted in that commit.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option("--push-revision", metavar="BRANCH", default=None,
+              help="With --push-to-hub: the branch to commit to (created from main if missing; default main).")
+@click.option("--commit-message", default=None, help="With --push-to-hub: the commit title.")
+def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, dry_run, overwrite, resume, threads, quiet,
+            revision, low_disk, push_to_hub, private, push_revision, commit_message):
+    """Convert SRC (a checkpoint folder, or a Hub repo id like org/name) into DST (a new folder)."""
     from .convert import Executor
+    from .hub import DOWNLOADS, DiskMeter, HubHooks, HubPusher, push_resumable, source_label
     from .progress import make_progress
-    from .writer import prepare_dst
+    from .writer import STAGING_DIR, prepare_dst
 
+    for flag, value in (("--private", private), ("--push-revision", push_revision), ("--commit-message", commit_message)):
+        if value and not push_to_hub:
+            raise click.UsageError(f"{flag} needs --push-to-hub.")
     console = _console(quiet)
-    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size)
+    download_dir = (Path(dst) / STAGING_DIR / DOWNLOADS).absolute() if low_disk else None
+    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, revision=revision, download_dir=download_dir)
     if dry_run:
         print_plan(plan, console)
         console.print("dry run: nothing written")
@@ -155,18 +193,34 @@ def convert(src, dst, mlp, ignore, recipe, max_shard_size, dry_run, overwrite, r
     for w in plan.warnings:
         err.print(f"[yellow]warning:[/] {w}")
     dstp = Path(dst)
+    # An interrupted push of this same plan resumes with the same command (DST is all ours).
+    resume = resume or bool(push_to_hub and push_resumable(dstp, push_to_hub, plan.fingerprint()))
     prepare_dst(plan.source.root, dstp, overwrite=overwrite, resume=resume)
+    meter = DiskMeter([dstp]).start() if low_disk else None
+    pusher = None
+    if push_to_hub:
+        pusher = HubPusher(push_to_hub, dstp, plan.fingerprint(), private=private, branch=push_revision,
+                           commit_message=commit_message or "", delete_uploaded=low_disk, log=console.print)
+        pusher.start()
+    hooks = HubHooks(plan, dstp, low_disk=low_disk, pusher=pusher, meter=meter)
     progress, done = make_progress(console, quiet)
+    progress.on_tensor = hooks.paced(progress.on_tensor)
     try:
-        result = Executor(plan, dstp, threads=threads, resume=resume).run(progress)
+        result = Executor(plan, dstp, threads=threads, resume=resume, hooks=hooks).run(progress)
     except KeyboardInterrupt:
         done()
-        err.print(f"[yellow]interrupted:[/] finished shards are kept; run the same command with --resume to continue.")
+        again = "the same command" if push_to_hub else "the same command with --resume"
+        err.print(f"[yellow]interrupted:[/] finished shards are kept; run {again} to continue.")
         sys.exit(130)
     finally:
         done()
+        hooks.close()
+    if pusher is not None and pusher.result is not None:
+        console.print(f"pushed to {pusher.result.repo_id}: commit {pusher.result.commit} ({pusher.result.url})")
+    if meter is not None:
+        console.print(f"peak disk use under {dstp}: {human(meter.peak)} ({meter.peak} bytes)")
     if not quiet:
-        t = Table(title=f"Converted {plan.source.root} -> {dstp}", title_justify="left")
+        t = Table(title=f"Converted {source_label(plan.source)} -> {dstp}", title_justify="left")
         t.add_column("")
         t.add_column("", justify="right")
         t.add_row("time", f"{result.seconds:.1f} s")

@@ -28,7 +28,7 @@ from .errors import QStreamError
 from .journal import open_journal, sha256_file
 from .plan import Op, OutShard, Plan
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
-from .schemes import SCHEMES
+from .schemes import SCHEMES, fp8
 from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, write_atomic, write_json
 
 BLOCK_BYTES = 16 << 20  # source bytes per work item
@@ -106,30 +106,54 @@ class Executor:
         self.reader = ShardReader(on_open=self.hooks.fetch)
         self.k = _kernels()
         self._global_scales: dict[str, np.float32] = {}
+        self._scales: dict[str, np.ndarray] = {}
         self._by_name = {op.source.name: op for op in plan.ops}
 
-    # ---------------------------------------------------------------- statistics
-    def _blocks(self, info: TensorInfo):
+    # ---------------------------------------------------------------- reading
+    def _blocks(self, op_or_info, scale_bytes: int | None = None):
+        """Row ranges of at most ``block_bytes`` (aligned to FP8 scale blocks)."""
+        info = op_or_info.source if isinstance(op_or_info, Op) else op_or_info
         rows = info.shape[0]
         step = _rows_per_block(info, self.block_bytes)
+        if isinstance(op_or_info, Op) and op_or_info.src_scale is not None:
+            step = max(1, self.block_bytes // (4 * max(1, info.shape[1])))  # decoded to float32
+            if op_or_info.block:
+                b0 = op_or_info.block[0]
+                step = max(b0, step // b0 * b0)
         for r0 in range(0, rows, step):
             yield r0, min(rows, r0 + step)
 
-    def _nonfinite(self, info: TensorInfo) -> QStreamError:
+    def _scale(self, op: Op) -> np.ndarray:
+        s = self._scales.get(op.src_scale.name)
+        if s is None:
+            s = self.reader.read(op.src_scale).astype(np.float32)
+            self._scales[op.src_scale.name] = s
+        return s
+
+    def read_float(self, op: Op, r0: int, r1: int) -> np.ndarray:
+        """Rows of the op's source as floats: the source dtype itself, or for FP8 the
+        exact float32 products fp8 x scale."""
+        x = self.reader.read_rows(op.source, r0, r1)
+        if op.src_scale is None:
+            return x
+        return fp8.apply_scale(fp8.decode_fp8(x), self._scale(op), op.layout, r0, op.block)
+
+    def _nonfinite(self, op: Op) -> QStreamError:
         bad = 0
-        for r0, r1 in self._blocks(info):
-            bad += int((~np.isfinite(self.reader.read_rows(info, r0, r1).astype(np.float32))).sum())
+        for r0, r1 in self._blocks(op):
+            bad += int((~np.isfinite(self.read_float(op, r0, r1).astype(np.float32))).sum())
+        info = op.source
         return QStreamError(
             f"tensor {info.name!r} ({info.path.name}) contains {bad} NaN/Inf values; it cannot be "
             "quantized: fix the source weights or exclude it with --ignore."
         )
 
-    def tensor_absmax(self, info: TensorInfo) -> float:
+    def tensor_absmax(self, op: Op) -> float:
         amax = 0.0
-        for r0, r1 in self._blocks(info):
-            a = float(self.k.absmax(self.reader.read_rows(info, r0, r1)))
+        for r0, r1 in self._blocks(op):
+            a = float(self.k.absmax(self.read_float(op, r0, r1)))
             if not math.isfinite(a):
-                raise self._nonfinite(info)
+                raise self._nonfinite(op)
             amax = max(amax, a)
         return amax
 
@@ -141,9 +165,10 @@ class Executor:
         if gs is None:
             from .schemes import reference
 
-            names = self.plan.scale_groups[key]
-            amax = max(self.tensor_absmax(self._by_name[n].source) for n in names)
-            gs = reference.nvfp4_global_scale(amax, DTYPES[op.source.dtype].type)
+            members = [self._by_name[n] for n in self.plan.scale_groups[key]]
+            amax = max(self.tensor_absmax(m) for m in members)
+            dtype = np.float32 if op.src_scale is not None else DTYPES[op.source.dtype].type
+            gs = reference.nvfp4_global_scale(amax, dtype)
             self._global_scales[key] = gs
         return gs
 
@@ -153,11 +178,35 @@ class Executor:
         info = op.source
         if op.kind == "copy":
             out = op.outputs[0]
-            for off in range(0, max(info.nbytes, 1), COPY_CHUNK):
+            for off in range(0, info.nbytes, COPY_CHUNK):
                 n = min(COPY_CHUNK, info.nbytes - off)
-                if n <= 0:
-                    break
                 yield lambda off=off, n=n: w.copy_from(self.reader.fd(info.path), info.begin + off, n, out.offset + off)
+            return
+        if op.kind == "cast":
+            out = op.outputs[0]
+            yield lambda: w.pwrite(out.offset, self.reader.read(info).astype(DTYPES[out.dtype]).reshape(out.shape))
+            return
+        if op.kind == "dequantize":
+            out = op.outputs[0]
+            row = info.shape[1] * DTYPES[out.dtype].itemsize
+            for r0, r1 in self._blocks(op):
+                yield lambda r0=r0, r1=r1: w.pwrite(out.offset + r0 * row, self.read_float(op, r0, r1).astype(DTYPES[out.dtype]))
+            return
+        if op.kind == "fp8":
+            q_t, s_t = op.outputs
+            cols = info.shape[1]
+            item = DTYPES[s_t.dtype].itemsize
+
+            def fp8_block(r0: int, r1: int) -> None:
+                x = self.read_float(op, r0, r1)
+                if not math.isfinite(float(self.k.absmax(x))):
+                    raise self._nonfinite(op)
+                q, sc = fp8.quantize_fp8_channel(x)
+                w.pwrite(q_t.offset + r0 * cols, q)
+                w.pwrite(s_t.offset + r0 * item, sc)
+
+            for r0, r1 in self._blocks(op):
+                yield lambda r0=r0, r1=r1: fp8_block(r0, r1)
             return
         scheme = SCHEMES[op.scheme]
         _, cols = info.shape
@@ -169,9 +218,9 @@ class Executor:
         k = self.k
 
         def block(r0: int, r1: int) -> None:
-            x = self.reader.read_rows(info, r0, r1)
+            x = self.read_float(op, r0, r1)
             if not math.isfinite(float(k.absmax(x))):
-                raise self._nonfinite(info)
+                raise self._nonfinite(op)
             if gs is not None:
                 packed, scale = k.quantize_nvfp4(x, gs)
             else:
@@ -179,7 +228,7 @@ class Executor:
             w.pwrite(packed_t.offset + r0 * (cols // 2), packed)
             w.pwrite(scale_t.offset + r0 * groups, scale)
 
-        for r0, r1 in self._blocks(info):
+        for r0, r1 in self._blocks(op):
             yield lambda r0=r0, r1=r1: block(r0, r1)
 
     # ---------------------------------------------------------------- whole run
@@ -288,6 +337,8 @@ class Executor:
         seen_groups: set[str] = set()
         for op in self.plan.ops:
             last[op.source.path] = op
+            if op.src_scale is not None:
+                last[op.src_scale.path] = op
             if op.scale_group and op.scale_group not in seen_groups:
                 seen_groups.add(op.scale_group)
                 for name in self.plan.scale_groups[op.scale_group]:

@@ -18,7 +18,7 @@ from . import __version__
 from .errors import QStreamError
 from .roles import ROLES, Classifier, Recipe, load_families, select_family
 from .safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header, dtype_size
-from .schemes import SCHEMES, Scheme
+from .schemes import SCHEMES, Scheme, fp8_group_args
 from .source import Checkpoint
 
 SHARD_METADATA = {"format": "pt"}
@@ -27,6 +27,7 @@ SHARD_METADATA = {"format": "pt"}
 @dataclass(frozen=True)
 class Options:
     mlp: str = "mxfp4"
+    attn: str = "keep"  # keep | bf16 (dequantize FP8 attention) | fp8 (FP8_DYNAMIC from a float source)
     ignore: tuple[str, ...] = ()
     recipe: str | None = None
     max_shard_size: int = 5 * 10**9
@@ -35,6 +36,7 @@ class Options:
     def key(self) -> dict:
         return {
             "mlp": self.mlp,
+            "attn": self.attn,
             "ignore": list(self.ignore),
             "recipe": Path(self.recipe).read_text(encoding="utf-8") if self.recipe else None,
             "max_shard_size": self.max_shard_size,
@@ -60,13 +62,19 @@ class OutTensor:
 
 @dataclass
 class Op:
-    kind: str  # "copy" | "quantize"
+    kind: str  # "copy" | "cast" (small tensor to F32) | "quantize" (FP4) | "fp8" | "dequantize" (FP8 -> BF16)
     role: str
     source: TensorInfo
     outputs: list[OutTensor]
-    scheme: str | None = None
+    scheme: str | None = None  # FP4 scheme of a "quantize" op
     scale_group: str | None = None  # NVFP4: tensors sharing one global scale
     note: str = ""
+    # FP8 source of a "quantize"/"dequantize" op: w = fp8 * scale, per tensor, channel or block
+    src_scale: TensorInfo | None = None
+    layout: str | None = None
+    block: tuple[int, int] | None = None
+    # how the module is described in quantization_config (None: unquantized)
+    module_scheme: str | None = None
 
     @property
     def module(self) -> str:
@@ -75,6 +83,21 @@ class Op:
     @property
     def bytes_out(self) -> int:
         return sum(o.nbytes for o in self.outputs)
+
+    @property
+    def action(self) -> str:
+        """A short label for tables: what happens to this tensor."""
+        if self.kind == "quantize":
+            return self.scheme + (" (from fp8)" if self.src_scale is not None else "")
+        if self.kind == "fp8":
+            return "fp8 dynamic"
+        if self.kind == "dequantize":
+            return "fp8 -> bf16"
+        if self.module_scheme is not None:
+            return "fp8 kept"
+        if self.kind == "cast":
+            return "scale -> f32"
+        return "passthrough" if self.source.name == self.outputs[0].name else "renamed"
 
 
 @dataclass
@@ -114,7 +137,7 @@ class Plan:
 
     @property
     def bytes_in(self) -> int:
-        return sum(op.source.nbytes for op in self.ops)
+        return self.source.total_bytes
 
     @property
     def bytes_out(self) -> int:
@@ -125,8 +148,8 @@ class Plan:
         for op in self.ops:
             s = out[op.role]
             s.tensors += 1
-            s.quantized += op.kind == "quantize"
-            s.bytes_in += op.source.nbytes
+            s.quantized += op.module_scheme is not None
+            s.bytes_in += op.source.nbytes + (op.src_scale.nbytes if op.src_scale else 0)
             s.bytes_out += op.bytes_out
         return {r: s for r, s in out.items() if s.tensors}
 
@@ -176,6 +199,66 @@ def _scheme_for(role: str, opts: Options, recipe: Recipe | None) -> Scheme | Non
     return SCHEMES[name]
 
 
+@dataclass
+class Fp8Weight:
+    """An FP8 weight with the tensors that describe it in the source."""
+
+    weight: TensorInfo
+    scale: TensorInfo  # a multiplier: w = fp8 * scale (Mistral/DeepSeek name it weight_scale_inv)
+    input_scale: TensorInfo | None
+    layout: str  # "tensor" | "channel" | "block"
+    block: tuple[int, int] | None
+
+
+def _fp8_block_size(config: dict) -> tuple[int, int]:
+    qc = config.get("quantization_config") or {}
+    bs = qc.get("weight_block_size")
+    if isinstance(bs, list) and len(bs) == 2:
+        return int(bs[0]), int(bs[1])
+    for g in (qc.get("config_groups") or {}).values():
+        st = (g.get("weights") or {}).get("block_structure")
+        if isinstance(st, list) and len(st) == 2:
+            return int(st[0]), int(st[1])
+    return 128, 128
+
+
+def find_fp8_weights(tensors: dict[str, TensorInfo], config: dict) -> dict[str, Fp8Weight]:
+    """FP8 E4M3 weights and their scales, in the transformers/Mistral (`weight_scale_inv`,
+    `activation_scale`), DeepSeek block and compressed-tensors (`weight_scale`,
+    `input_scale`) layouts."""
+    out: dict[str, Fp8Weight] = {}
+    block = _fp8_block_size(config)
+    for name, info in tensors.items():
+        if not name.endswith(".weight") or info.dtype != "F8_E4M3":
+            continue
+        mod = name.removesuffix(".weight")
+        scale = tensors.get(mod + ".weight_scale_inv") or tensors.get(mod + ".weight_scale")
+        if scale is None:
+            raise QStreamError(
+                f"tensor {name!r} ({info.path.name}) is FP8 but has no {mod}.weight_scale_inv or "
+                f"{mod}.weight_scale beside it; the checkpoint is incomplete or in a layout qstream does not know."
+            )
+        if scale.dtype not in ("F32", "BF16", "F16"):
+            raise QStreamError(f"tensor {scale.name!r} ({scale.path.name}) has dtype {scale.dtype}; FP8 scales must be F32, BF16 or F16.")
+        inp = tensors.get(mod + ".activation_scale") or tensors.get(mod + ".input_scale")
+        out_f, in_f = info.shape if len(info.shape) == 2 else (0, 0)
+        if len(info.shape) != 2:
+            raise QStreamError(f"tensor {name!r} ({info.path.name}) is FP8 with shape {list(info.shape)}; qstream reads 2-D FP8 weights only.")
+        if scale.numel == 1:
+            layout, blk = "tensor", None
+        elif tuple(scale.shape) in ((out_f, 1), (out_f,)):
+            layout, blk = "channel", None
+        elif tuple(scale.shape) == (-(-out_f // block[0]), -(-in_f // block[1])):
+            layout, blk = "block", block
+        else:
+            raise QStreamError(
+                f"tensor {scale.name!r} ({scale.path.name}) has shape {list(scale.shape)}, which is neither "
+                f"per-tensor, per-channel [{out_f}, 1] nor {block[0]}x{block[1]} blocks of {name!r} {list(info.shape)}."
+            )
+        out[name] = Fp8Weight(info, scale, inp, layout, blk)
+    return out
+
+
 def make_plan(src: Checkpoint, opts: Options) -> Plan:
     families = load_families()
     family = select_family(src.config, families)
@@ -188,13 +271,16 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
         except re.error as e:
             raise QStreamError(f"--ignore {pat!r} is not a valid regex ({e}).") from e
     warnings: list[str] = []
+    fp8 = find_fp8_weights(src.tensors, src.config)
+    consumed = {t.name for f in fp8.values() for t in (f.scale, f.input_scale) if t is not None}
 
     ops: list[Op] = []
     for info in src.tensors.values():
+        if info.name in consumed:
+            continue
         role = classifier.role(info.name)
         scheme = _scheme_for(role, opts, recipe)
-        op = _plan_tensor(info, role, scheme, ignore_res, warnings)
-        ops.append(op)
+        ops.extend(_plan_tensor(info, role, scheme, fp8.get(info.name), opts, ignore_res, warnings))
 
     # NVFP4 global-scale groups: fused partners that are all quantized with a global scale.
     scale_groups: dict[str, list[str]] = {}
@@ -209,30 +295,74 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
     return Plan(src, opts, family.name, ops, shards, scale_groups, qconfig, warnings)
 
 
-def _plan_tensor(info: TensorInfo, role: str, scheme: Scheme | None, ignore_res: list[re.Pattern[str]], warnings: list[str]) -> Op:
+def _keep_fp8(f: Fp8Weight, role: str) -> list[Op]:
+    """Pass an FP8 module through: weight bytes unchanged, scales as compressed-tensors names them."""
+    mod = f.weight.name.removesuffix(".weight")
+    static = f.input_scale is not None and f.layout == "tensor"
+    key = f"fp8:{f.layout}" + (":static" if static else "") + (f":{f.block[0]}x{f.block[1]}" if f.block else "")
+    w = Op("copy", role, f.weight, [OutTensor(f.weight.name, "F8_E4M3", f.weight.shape)], module_scheme=key)
+    ops = [w]
+    for src_t, out_name in ((f.scale, mod + ".weight_scale"), (f.input_scale, mod + ".input_scale")):
+        if src_t is None or (out_name.endswith("input_scale") and not static):
+            continue
+        if f.layout == "tensor" or out_name.endswith("input_scale"):
+            shape: tuple[int, ...] = (1,)
+        elif f.layout == "channel":
+            shape = (f.weight.shape[0], 1)
+        else:
+            shape = tuple(src_t.shape)
+        if src_t.dtype == "F32":
+            ops.append(Op("copy", role, src_t, [OutTensor(out_name, "F32", shape)]))
+        else:
+            ops.append(Op("cast", role, src_t, [OutTensor(out_name, "F32", shape)]))
+    return ops
+
+
+def _plan_tensor(info: TensorInfo, role: str, scheme: Scheme | None, fp8: Fp8Weight | None, opts: Options,
+                 ignore_res: list[re.Pattern[str]], warnings: list[str]) -> list[Op]:
+    module = info.name.removesuffix(".weight")
+    ignored = any(r.search(info.name) for r in ignore_res)
+    if fp8 is not None:
+        if scheme is not None and not ignored and info.shape[1] % scheme.group_size == 0:
+            outs = [OutTensor(n, d, s) for n, d, s in scheme.outputs(module, info.shape)]
+            return [Op("quantize", role, info, outs, scheme=scheme.name, src_scale=fp8.scale,
+                       layout=fp8.layout, block=fp8.block, module_scheme=scheme.name)]
+        if scheme is not None and not ignored:
+            warnings.append(f"{info.name}: input dimension {info.shape[1]} is not a multiple of {scheme.name}'s "
+                            f"group size {scheme.group_size}; kept in FP8")
+        if role == "attention" and opts.attn == "bf16":
+            return [Op("dequantize", role, info, [OutTensor(info.name, "BF16", info.shape)], src_scale=fp8.scale,
+                       layout=fp8.layout, block=fp8.block)]
+        return _keep_fp8(fp8, role)
+
     copy = Op("copy", role, info, [OutTensor(info.name, info.dtype, info.shape)])
-    if scheme is None or not info.name.endswith(".weight") or len(info.shape) != 2:
-        return copy
-    if any(r.search(info.name) for r in ignore_res):
+    if not info.name.endswith(".weight") or len(info.shape) != 2:
+        return [copy]
+    if role == "attention" and opts.attn == "fp8" and not ignored and scheme is None:
+        if info.dtype not in FLOAT_SOURCE_DTYPES:
+            return [copy]
+        outs = [OutTensor(info.name, "F8_E4M3", info.shape), OutTensor(module + ".weight_scale", info.dtype, (info.shape[0], 1))]
+        return [Op("fp8", role, info, outs, module_scheme="fp8:channel")]
+    if scheme is None:
+        return [copy]
+    if ignored:
         copy.note = "ignored by --ignore/recipe"
-        return copy
+        return [copy]
     if info.dtype not in FLOAT_SOURCE_DTYPES:
         raise QStreamError(
             f"tensor {info.name!r} ({info.path.name}) has dtype {info.dtype}, which qstream cannot "
-            f"quantize from (it reads {', '.join(FLOAT_SOURCE_DTYPES)}); exclude it with --ignore or convert it first."
+            f"quantize from (it reads {', '.join(FLOAT_SOURCE_DTYPES)} and FP8 with scales); exclude it with --ignore or convert it first."
         )
     out_f, in_f = info.shape
     if in_f % scheme.group_size != 0 or in_f == 0 or out_f == 0:
-        msg = (
+        warnings.append(
             f"{info.name}: input dimension {in_f} is not a multiple of {scheme.name}'s group size "
             f"{scheme.group_size}; left unquantized and listed in the ignore list"
         )
-        warnings.append(msg)
         copy.note = f"in_features {in_f} not a multiple of {scheme.group_size}"
-        return copy
-    module = info.name.removesuffix(".weight")
+        return [copy]
     outs = [OutTensor(n, d, s) for n, d, s in scheme.outputs(module, (out_f, in_f))]
-    return Op("quantize", role, info, outs, scheme=scheme.name)
+    return [Op("quantize", role, info, outs, scheme=scheme.name, module_scheme=scheme.name)]
 
 
 def _assign_shards(ops: list[Op], max_size: int) -> list[OutShard]:
@@ -299,17 +429,29 @@ def _generalize(names: list[str], forbidden: list[str]) -> list[str]:
     return out
 
 
+def _group_for(key: str) -> dict:
+    if key in SCHEMES:
+        sch = SCHEMES[key]
+        return {"weights": dict(sch.weights_args), "input_activations": None, "format": sch.format}
+    parts = key.split(":")  # fp8:<layout>[:static][:RxC]
+    block = None
+    if re.fullmatch(r"\d+x\d+", parts[-1]):
+        block = tuple(int(x) for x in parts[-1].split("x"))
+    return fp8_group_args(parts[1], block, static_input="static" in parts)
+
+
 def _quantization_config(ops: list[Op], config: dict) -> dict | None:
-    quantized = [op for op in ops if op.kind == "quantize"]
-    if not quantized:
+    described = [op for op in ops if op.module_scheme is not None]
+    if not described:
         return None
-    schemes = sorted({op.scheme for op in quantized})
-    q_modules = [op.module for op in quantized]
+    keys = sorted({op.module_scheme for op in described})
+    q_modules = [op.module for op in described]
     unq = [
         op.module
         for op in ops
-        if op.kind != "quantize"
-        and op.source.name.endswith(".weight")
+        if op.module_scheme is None
+        and op.kind in ("copy", "dequantize")
+        and op.outputs[0].name.endswith(".weight")
         and len(op.source.shape) == 2
         and op.role not in ("embedding", "norm")
     ]
@@ -318,21 +460,22 @@ def _quantization_config(ops: list[Op], config: dict) -> dict | None:
         unq.append("lm_head")
     ignore = _generalize(unq, q_modules)
     groups = {}
-    for i, name in enumerate(schemes):
-        sch = SCHEMES[name]
-        if len(schemes) == 1:
+    for i, key in enumerate(keys):
+        if len(keys) == 1:
             targets = ["Linear"]
         else:
-            targets = _generalize([op.module for op in quantized if op.scheme == name],
-                                  [op.module for op in quantized if op.scheme != name] + unq)
+            targets = _generalize([op.module for op in described if op.module_scheme == key],
+                                  [op.module for op in described if op.module_scheme != key] + unq)
+        g = _group_for(key)
         groups[f"group_{i}"] = {
             "targets": targets,
-            "weights": dict(sch.weights_args),
-            "input_activations": None,
+            "weights": g["weights"],
+            "input_activations": g["input_activations"],
             "output_activations": None,
-            "format": sch.format,
+            "format": g["format"],
         }
-    fmt = SCHEMES[schemes[0]].format if len(schemes) == 1 else "mixed-precision"
+    formats = {g["format"] for g in groups.values()}
+    fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
     return {
         "config_groups": groups,
         "format": fmt,

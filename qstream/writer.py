@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from .errors import QStreamError
 from .plan import OutShard
 
@@ -51,6 +53,8 @@ class ShardWriter:
 
     def pwrite(self, offset: int, data, absolute: bool = False) -> None:
         pos = offset if absolute else self.data_start + offset
+        if isinstance(data, np.ndarray):  # ml_dtypes arrays have no buffer format: send raw bytes
+            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         mv = memoryview(data).cast("B")
         done = 0
         try:

@@ -95,3 +95,163 @@ def write_checkpoint(root: Path, config: dict, tensors: dict[str, np.ndarray], n
     for name, text in (extra_files or {}).items():
         (root / name).write_text(text)
     return root
+
+
+# --------------------------------------------------------------------------- FP8 sources
+
+def fp8_per_tensor(w: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Per-tensor FP8 E4M3 of a float32 weight, the way FP8 checkpoints are made."""
+    scale = np.float32(np.abs(w).max() / 448.0)
+    q = np.clip(w / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_block(w: np.ndarray, b: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """128x128 block FP8 (DeepSeek-V3 style, partial edge blocks) of a float32 weight."""
+    rows, cols = w.shape
+    br, bc = -(-rows // b), -(-cols // b)
+    scale = np.zeros((br, bc), np.float32)
+    q = np.zeros(w.shape, ml_dtypes.float8_e4m3fn)
+    for i in range(br):
+        for j in range(bc):
+            blk = w[i * b:(i + 1) * b, j * b:(j + 1) * b]
+            s = np.float32(max(np.abs(blk).max(), 1e-12) / 448.0)
+            scale[i, j] = s
+            q[i * b:(i + 1) * b, j * b:(j + 1) * b] = np.clip(blk / s, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
+
+
+def dequant(q: np.ndarray, scale: np.ndarray, b: int = 128) -> np.ndarray:
+    x = q.astype(np.float32)
+    s = np.asarray(scale, np.float32)
+    if s.size == 1:
+        return x * s.reshape(-1)[0]
+    return x * np.repeat(np.repeat(s, b, 0), b, 1)[: x.shape[0], : x.shape[1]]
+
+
+def mistral3_config(fp8: bool = True) -> dict:
+    cfg = {
+        "architectures": ["Mistral3ForConditionalGeneration"],
+        "model_type": "mistral3",
+        "text_config": {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "vocab_size": 256, "head_dim": 16, "max_position_embeddings": 256, "rms_norm_eps": 1e-5},
+        "vision_config": {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64,
+                          "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32,
+                          "patch_size": 4, "head_dim": 16},
+        "spatial_merge_size": 2,
+        "image_token_index": 10,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": False,
+        "vision_feature_layer": -1,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+    if fp8:
+        cfg["quantization_config"] = {
+            "quant_method": "fp8", "activation_scheme": "static", "weight_block_size": None,
+            "modules_to_not_convert": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+        }
+    return cfg
+
+
+def mistral3_tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    """float32 weights with the real Mistral3 (Pixtral vision) names and shapes."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, scale=0.05):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    t = {"model.vision_tower.patch_conv.weight": w(32, 3, 4, 4), "model.vision_tower.ln_pre.weight": np.ones(32, np.float32)}
+    v = "model.vision_tower.transformer.layers.0."
+    t[v + "attention_norm.weight"] = np.ones(32, np.float32)
+    t[v + "ffn_norm.weight"] = np.ones(32, np.float32)
+    for p, s in (("feed_forward.gate_proj", (64, 32)), ("feed_forward.up_proj", (64, 32)), ("feed_forward.down_proj", (32, 64)),
+                 ("attention.q_proj", (32, 32)), ("attention.k_proj", (32, 32)), ("attention.v_proj", (32, 32)), ("attention.o_proj", (32, 32))):
+        t[v + p + ".weight"] = w(*s)
+    t["model.multi_modal_projector.norm.weight"] = np.ones(32, np.float32)
+    t["model.multi_modal_projector.patch_merger.merging_layer.weight"] = w(32, 128)
+    t["model.multi_modal_projector.linear_1.weight"] = w(64, 32)
+    t["model.multi_modal_projector.linear_2.weight"] = w(64, 64)
+    t["model.language_model.embed_tokens.weight"] = w(256, 64, scale=0.5)
+    for L in range(2):
+        p = f"model.language_model.layers.{L}."
+        for n, s in (("self_attn.q_proj", (64, 64)), ("self_attn.k_proj", (32, 64)), ("self_attn.v_proj", (32, 64)),
+                     ("self_attn.o_proj", (64, 64)), ("mlp.gate_proj", (128, 64)), ("mlp.up_proj", (128, 64)),
+                     ("mlp.down_proj", (64, 128))):
+            t[p + n + ".weight"] = w(*s, scale=0.1)
+        t[p + "input_layernorm.weight"] = np.ones(64, np.float32)
+        t[p + "post_attention_layernorm.weight"] = np.ones(64, np.float32)
+    t["model.language_model.norm.weight"] = np.ones(64, np.float32)
+    t["lm_head.weight"] = w(256, 64, scale=0.1)
+    return t
+
+
+def write_mistral3_fp8(root: Path, twin: Path | None = None, seed: int = 0) -> Path:
+    """A Mistral3 checkpoint in Mistral's FP8 per-tensor static layout (language-model
+    linears FP8 with `weight_scale_inv` and `activation_scale`, the rest BF16), and
+    optionally its BF16 twin (FP8 weights dequantized) for reference logits."""
+    f32 = mistral3_tensors(seed)
+    out: dict[str, np.ndarray] = {}
+    ref: dict[str, np.ndarray] = {}
+    for name, w in f32.items():
+        if name.startswith("model.language_model.layers.") and name.endswith("_proj.weight"):
+            q, s = fp8_per_tensor(w)
+            mod = name.removesuffix(".weight")
+            out[name] = q
+            out[mod + ".weight_scale_inv"] = np.asarray(s, np.float32)  # 0-d, as Mistral writes it
+            out[mod + ".activation_scale"] = np.asarray(np.float32(8.0 / 448.0))
+            ref[name] = dequant(q, s).astype(ml_dtypes.bfloat16)
+        else:
+            out[name] = w.astype(ml_dtypes.bfloat16)
+            ref[name] = out[name]
+    write_checkpoint(root, mistral3_config(fp8=True), out, n_shards=2, straddle=False)
+    if twin is not None:
+        write_checkpoint(twin, mistral3_config(fp8=False), ref, n_shards=1, straddle=False)
+    return root
+
+
+def qwen3_config(hidden=256, inter=320, layers=2, block_fp8=True) -> dict:
+    cfg = {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 256, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+    if block_fp8:
+        cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+                                      "fmt": "e4m3"}
+    return cfg
+
+
+def write_qwen3_block_fp8(root: Path, twin: Path | None = None, seed: int = 1) -> Path:
+    """Qwen3-FP8 / DeepSeek-V3 style: every decoder linear FP8 with a 128x128 block
+    `weight_scale_inv`. The MLP's 320 leaves partial edge blocks; attention dimensions are
+    multiples of 128 because compressed-tensors cannot decompress partial FP8 blocks on CPU."""
+    cfg = qwen3_config()
+    rng = np.random.default_rng(seed)
+    h, i, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    out: dict[str, np.ndarray] = {}
+    ref: dict[str, np.ndarray] = {}
+    out["model.embed_tokens.weight"] = (rng.standard_normal((256, h)) * 0.5).astype(ml_dtypes.bfloat16)
+    for L in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{L}."
+        for n, s in (("self_attn.q_proj", (4 * hd, h)), ("self_attn.k_proj", (2 * hd, h)), ("self_attn.v_proj", (2 * hd, h)),
+                     ("self_attn.o_proj", (h, 4 * hd)), ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)), ("mlp.down_proj", (h, i))):
+            w = (rng.standard_normal(s) * 0.08).astype(np.float32)
+            w[: min(5, s[0]), :7] *= 20  # uneven blocks: each block gets its own scale
+            q, sc = fp8_block(w)
+            out[p + n + ".weight"] = q
+            out[p + n + ".weight_scale_inv"] = sc
+            ref[p + n + ".weight"] = dequant(q, sc).astype(ml_dtypes.bfloat16)
+        for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
+            out[p + n + ".weight"] = np.ones(hd if "_norm" in n and "self_attn" in n else h, ml_dtypes.bfloat16)
+    out["model.norm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+    out["lm_head.weight"] = (rng.standard_normal((256, h)) * 0.08).astype(ml_dtypes.bfloat16)
+    for k, v in out.items():
+        if not k.endswith("_scale_inv"):
+            ref.setdefault(k, v)
+    write_checkpoint(root, cfg, out, n_shards=2, straddle=True)
+    if twin is not None:
+        write_checkpoint(twin, qwen3_config(block_fp8=False), ref, n_shards=1, straddle=False)
+    return root

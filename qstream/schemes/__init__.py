@@ -72,3 +72,25 @@ NVFP4 = Scheme(
 )
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (MXFP4, NVFP4)}
+
+
+def fp8_group_args(layout: str, block: tuple[int, int] | None = None, static_input: bool = False) -> dict:
+    """compressed-tensors `weights` / `input_activations` args for an FP8 module.
+
+    layout "tensor" + static_input: per-tensor static (Mistral FP8 sources, vLLM W8A8Fp8);
+    "channel": FP8_DYNAMIC (per-channel weights, dynamic per-token activations);
+    "block": FP8_BLOCK (128x128 weight blocks, dynamic per-group-128 activations);
+    "tensor" without input scale: per-tensor weights, dynamic per-token activations.
+    """
+    w = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": layout, "dynamic": False}
+    if layout == "block":
+        w["block_structure"] = list(block or (128, 128))
+        a = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": (block or (128, 128))[1],
+             "strategy": "group", "dynamic": True}
+    elif static_input:
+        a = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "tensor",
+             "dynamic": False}
+    else:
+        a = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "token",
+             "dynamic": True}
+    return {"weights": w, "input_activations": a, "format": "float-quantized"}
