@@ -271,6 +271,12 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
         except re.error as e:
             raise QStreamError(f"--ignore {pat!r} is not a valid regex ({e}).") from e
     warnings: list[str] = []
+    packed = next((n for n in src.tensors if n.endswith(".weight_packed")), None)
+    if packed is not None:
+        raise QStreamError(
+            f"{src.root}: tensor {packed!r} shows the source is already FP4-packed (compressed-tensors); "
+            "convert from the original BF16/FP16/FP32 or FP8 checkpoint instead."
+        )
     fp8 = find_fp8_weights(src.tensors, src.config)
     consumed = {t.name for f in fp8.values() for t in (f.scale, f.input_scale) if t is not None}
 

@@ -127,3 +127,9 @@ def test_nan_weight_is_named(tmp_path):
     assert_clean_error(p, "model.layers.0.mlp.down_proj.weight", "2 NaN/Inf")
     assert not (tmp_path / "out" / "config.json").exists()
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_already_fp4_source_is_refused(tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    run_qstream("convert", tiny_ckpt, out, "-q", check=True)
+    assert_clean_error(run_qstream("convert", out, tmp_path / "again"), "already FP4-packed", "weight_packed")

@@ -179,3 +179,38 @@ def test_inspect_fp8_sizes(mistral3):
     assert roles["mlp"]["bytes_out"] < roles["mlp"]["bytes_in"] * 0.6  # FP8 -> FP4 (+ scales)
     assert roles["attention"]["bytes_out"] == roles["attention"]["bytes_in"]
     assert roles["vision"]["bytes_out"] == roles["vision"]["bytes_in"]
+
+
+def test_compressed_tensors_fp8_source_chain(tmp_path):
+    """A compressed-tensors FP8_DYNAMIC checkpoint (written by --attn fp8) is itself a valid
+    source: its attention stays FP8 byte for byte, the MLP is quantized."""
+    cfg = llama_config(hidden=64, inter=128, layers=2)
+    src = write_checkpoint(tmp_path / "src", cfg, llama_tensors(cfg, seed=5), n_shards=2)
+    mid, dst = tmp_path / "mid", tmp_path / "out"
+    run_qstream("convert", src, mid, "--mlp", "none", "--attn", "fp8", "-q", check=True)
+    run_qstream("convert", mid, dst, "--mlp", "mxfp4", "-q", check=True)
+    a, b = load_dir(mid), load_dir(dst)
+    m = "model.layers.1.self_attn.v_proj"
+    assert raw(b[m + ".weight"]) == raw(a[m + ".weight"]) and torch.equal(b[m + ".weight_scale"], a[m + ".weight_scale"])
+    assert "model.layers.1.mlp.up_proj.weight_packed" in b
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    fp8g = [g for g in qc["config_groups"].values() if g["format"] == "float-quantized"][0]
+    assert fp8g["weights"]["strategy"] == "channel" and fp8g["input_activations"]["dynamic"] is True
+    assert close(logits(mid, IDS), logits(dst, IDS)) > 0.95
+
+
+def test_old_multimodal_prefixes_are_never_quantized():
+    from qstream.roles import Classifier, load_families, select_family
+
+    fams = load_families()
+    c = Classifier(select_family({"architectures": ["Mistral3ForConditionalGeneration"]}, fams), fams["generic"])
+    assert c.role("vision_tower.transformer.layers.3.feed_forward.gate_proj.weight") == "vision"
+    assert c.role("multi_modal_projector.linear_1.weight") == "projector"
+    assert c.role("language_model.model.layers.3.mlp.gate_proj.weight") == "mlp"
+    assert c.role("language_model.model.layers.3.self_attn.q_proj.weight") == "attention"
+    assert c.role("language_model.lm_head.weight") == "lm_head"
+    assert c.role("model.vision_tower.transformer.layers.0.attention.q_proj.weight") == "vision"
+    g = select_family({"architectures": ["Gemma3ForConditionalGeneration"]}, fams)
+    cg = Classifier(g, fams["generic"])
+    assert cg.role("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight") == "vision"
+    assert cg.role("model.language_model.layers.0.mlp.gate_proj.weight") == "mlp"
