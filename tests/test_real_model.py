@@ -1,0 +1,44 @@
+"""Proof on a real model: SmolLM2-135M converted with both schemes loads in transformers
+through compressed-tensors, keeps its perplexity and generates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_qstream
+from smollm2 import compare_models, eval_tokens, greedy_generate, load_causal_lm, load_tokenizer
+
+pytestmark = pytest.mark.slow
+
+N_TOKENS = 4096  # 4 windows of 1024; benchmarks/quality.py uses 8192
+
+# Bounds, stated: qstream's default output is byte-identical to compressed-tensors'
+# round-to-nearest, for which llm-compressor measured (8192 tokens) BF16 22.23,
+# NVFP4A16 24.98 (KL 0.123), MXFP4A16 27.13 (KL 0.247): ratios 1.12 and 1.22. We
+# allow some slack for the shorter text.
+BOUNDS = {"nvfp4": (1.20, 0.16), "mxfp4": (1.32, 0.30)}
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_checkpoint):
+    return load_causal_lm(smollm2_checkpoint), load_tokenizer(smollm2_checkpoint)
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+def test_smollm2_quality_and_generation(smollm2_checkpoint, reference, tmp_path, scheme):
+    ref_model, tok = reference
+    dst = tmp_path / scheme
+    run_qstream("convert", smollm2_checkpoint, dst, "--mlp", scheme, "-q", check=True)
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["quantization_config"]["format"] == f"{scheme}-pack-quantized"
+    model = load_causal_lm(dst)  # compressed-tensors decompresses the packed MLP weights
+    r = compare_models(ref_model, model, eval_tokens(tok, N_TOKENS))
+    print(f"\n[{scheme}] ppl bf16 {r['ppl_ref']:.3f} -> {r['ppl_test']:.3f}, mean KL {r['mean_kl']:.4f}, "
+          f"top-1 agreement {r['top1_agreement']:.3f}")
+    max_ratio, max_kl = BOUNDS[scheme]
+    assert r["ppl_test"] / r["ppl_ref"] < max_ratio
+    assert 0 < r["mean_kl"] < max_kl
+    text = greedy_generate(model, tok, "The capital of France is", n=12)
+    assert text.strip(), "greedy generation produced nothing"
