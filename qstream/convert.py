@@ -107,12 +107,18 @@ class Executor:
         self.k = _kernels()
         self._global_scales: dict[str, np.float32] = {}
         self._scales: dict[str, np.ndarray] = {}
-        self._by_name = {op.source.name: op for op in plan.ops}
+        self._by_module = {op.module: op for op in plan.ops if op.scale_group}
 
     # ---------------------------------------------------------------- reading
-    def _blocks(self, op_or_info, scale_bytes: int | None = None):
+    def _blocks(self, op_or_info):
         """Row ranges of at most ``block_bytes`` (aligned to FP8 scale blocks)."""
         info = op_or_info.source if isinstance(op_or_info, Op) else op_or_info
+        if isinstance(op_or_info, Op) and op_or_info.view is not None:
+            v = op_or_info.view
+            step = v.count if v.transpose else max(1, self.block_bytes // (4 * v.in_dim))
+            for r0 in range(0, v.count, step):
+                yield r0, min(v.count, r0 + step)
+            return
         rows = info.shape[0]
         step = _rows_per_block(info, self.block_bytes)
         if isinstance(op_or_info, Op) and op_or_info.src_scale is not None:
@@ -130,10 +136,41 @@ class Executor:
             self._scales[op.src_scale.name] = s
         return s
 
+    def read_view(self, info: TensorInfo, op: Op, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of a view's [count, ...] matrix from one expert of a fused tensor."""
+        v = op.view
+        per_expert = math.prod(info.shape[1:])
+        dt = DTYPES[info.dtype]
+        base = info.begin + v.expert * per_expert * dt.itemsize
+        if v.transpose:  # [in, out_total] slab: read it whole, pick the columns, transpose
+            slab_shape = info.shape[1:]
+            buf = np.empty(per_expert * dt.itemsize, np.uint8)
+            self.reader.read_bytes(info.path, base, buf.nbytes, memoryview(buf))
+            slab = buf.view(dt).reshape(slab_shape)
+            cols = slab[:, v.start + v.step * r0: v.start + v.step * (r1 - 1) + 1: v.step]
+            return np.ascontiguousarray(cols.T)
+        row_elems = per_expert // info.shape[1]
+        first = v.start + v.step * r0
+        n_src = v.step * (r1 - r0 - 1) + 1
+        buf = np.empty(n_src * row_elems * dt.itemsize, np.uint8)
+        self.reader.read_bytes(info.path, base + first * row_elems * dt.itemsize, buf.nbytes, memoryview(buf))
+        rows = buf.view(dt).reshape((n_src,) + tuple(info.shape[2:]))
+        return rows[:: v.step] if v.step > 1 else rows
+
+    def read_mxfp4_rows(self, op: Op, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """gpt-oss MXFP4 rows of a view: (packed uint8 [n, in/2], E8M0 scales uint8 [n, in/32])."""
+        packed = self.read_view(op.source, op, r0, r1).reshape(r1 - r0, -1)
+        scales = self.read_view(op.src_scale, op, r0, r1).reshape(r1 - r0, -1)
+        return np.ascontiguousarray(packed), np.ascontiguousarray(scales)
+
     def read_float(self, op: Op, r0: int, r1: int) -> np.ndarray:
-        """Rows of the op's source as floats: the source dtype itself, or for FP8 the
-        exact float32 products fp8 x scale."""
-        x = self.reader.read_rows(op.source, r0, r1)
+        """Rows of the op's (logical 2-D) source as floats: the source dtype itself, or the
+        exact float32 values of an FP8 (fp8 x scale) or MXFP4 (e2m1 x 2^e) source."""
+        if op.layout == "mxfp4":
+            from .schemes import reference
+
+            return reference.dequantize_mxfp4(*self.read_mxfp4_rows(op, r0, r1))
+        x = self.read_view(op.source, op, r0, r1) if op.view is not None else self.reader.read_rows(op.source, r0, r1)
         if op.src_scale is None:
             return x
         return fp8.apply_scale(fp8.decode_fp8(x), self._scale(op), op.layout, r0, op.block)
@@ -165,9 +202,9 @@ class Executor:
         if gs is None:
             from .schemes import reference
 
-            members = [self._by_name[n] for n in self.plan.scale_groups[key]]
+            members = [self._by_module[n] for n in self.plan.scale_groups[key]]
             amax = max(self.tensor_absmax(m) for m in members)
-            dtype = np.float32 if op.src_scale is not None else DTYPES[op.source.dtype].type
+            dtype = np.float32 if op.src_scale is not None or op.layout else DTYPES[op.source.dtype].type
             gs = reference.nvfp4_global_scale(amax, dtype)
             self._global_scales[key] = gs
         return gs
@@ -181,6 +218,22 @@ class Executor:
             for off in range(0, info.nbytes, COPY_CHUNK):
                 n = min(COPY_CHUNK, info.nbytes - off)
                 yield lambda off=off, n=n: w.copy_from(self.reader.fd(info.path), info.begin + off, n, out.offset + off)
+            return
+        if op.kind == "slice":  # one expert's share of a fused bias
+            out = op.outputs[0]
+            v = op.view
+            row = self.reader.read_rows(info, v.expert, v.expert + 1)[0]
+            yield lambda: w.pwrite(out.offset, np.ascontiguousarray(row[v.start: v.start + v.step * v.count: v.step]))
+            return
+        if op.kind == "repack":  # gpt-oss MXFP4 -> compressed-tensors MXFP4: the same bits
+            packed_t, scale_t = op.outputs
+            cols = op.shape[1]
+            for r0, r1 in self._blocks(op):
+                def repack(r0=r0, r1=r1):
+                    packed, scales = self.read_mxfp4_rows(op, r0, r1)
+                    w.pwrite(packed_t.offset + r0 * (cols // 2), packed)
+                    w.pwrite(scale_t.offset + r0 * (cols // 32), scales)
+                yield repack
             return
         if op.kind == "cast":
             out = op.outputs[0]
@@ -209,7 +262,7 @@ class Executor:
                 yield lambda r0=r0, r1=r1: fp8_block(r0, r1)
             return
         scheme = SCHEMES[op.scheme]
-        _, cols = info.shape
+        _, cols = op.shape
         packed_t, scale_t = op.outputs[0], op.outputs[1]
         groups = cols // scheme.group_size
         gs = self.global_scale(op) if scheme.has_global_scale else None
@@ -260,7 +313,7 @@ class Executor:
                 if shard.filename in journal.shards:
                     resumed += 1
                     for op in ops:
-                        progress.on_tensor(op, op.source.nbytes)
+                        progress.on_tensor(op, op.bytes_in)
                     written.append(dst / shard.filename)
                     progress.on_note(f"{shard.filename}: already done (checksum verified), kept")
                     self._release(to_release)
@@ -277,7 +330,7 @@ class Executor:
                         if f.done() and f.exception():
                             break
                     self._raise_first(futures)
-                    progress.on_tensor(op, op.source.nbytes)
+                    progress.on_tensor(op, op.bytes_in)
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 self._raise_first(futures)
                 self._release(to_release)
@@ -342,7 +395,7 @@ class Executor:
             if op.scale_group and op.scale_group not in seen_groups:
                 seen_groups.add(op.scale_group)
                 for name in self.plan.scale_groups[op.scale_group]:
-                    last[self._by_name[name].source.path] = op  # read now; its own later ops move this on
+                    last[self._by_module[name].source.path] = op  # read now; its own later ops move this on
         out: dict[int, list[Path]] = {}
         for path, op in last.items():
             out.setdefault(id(op), []).append(path)

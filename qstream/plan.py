@@ -60,9 +60,28 @@ class OutTensor:
         return n
 
 
+@dataclass(frozen=True)
+class View:
+    """A 2-D Linear weight [count, in_dim] cut out of a fused 3-D expert tensor.
+
+    The source holds expert ``expert`` as a [out_total, in_dim] slab (or [in_dim,
+    out_total] when ``transpose``); the view takes ``count`` output rows starting
+    at ``start`` with stride ``step`` (2 for gpt-oss's interleaved gate/up).
+    """
+
+    expert: int
+    transpose: bool
+    start: int
+    step: int
+    count: int
+    in_dim: int
+
+
 @dataclass
 class Op:
-    kind: str  # "copy" | "cast" (small tensor to F32) | "quantize" (FP4) | "fp8" | "dequantize" (FP8 -> BF16)
+    # "copy" | "cast" (small tensor to F32) | "quantize" (FP4) | "fp8" | "dequantize" (FP8 -> BF16)
+    # | "repack" (gpt-oss MXFP4 rows -> compressed-tensors MXFP4) | "slice" (per-expert bias)
+    kind: str
     role: str
     source: TensorInfo
     outputs: list[OutTensor]
@@ -75,10 +94,29 @@ class Op:
     block: tuple[int, int] | None = None
     # how the module is described in quantization_config (None: unquantized)
     module_scheme: str | None = None
+    # fused 3-D experts: which expert / rows this op takes, and the module it writes
+    view: View | None = None
+    out_module: str | None = None
 
     @property
     def module(self) -> str:
-        return self.source.name.removesuffix(".weight")
+        return self.out_module or self.source.name.removesuffix(".weight")
+
+    @property
+    def bytes_in(self) -> int:
+        """Source bytes this op accounts for (a view: its share of the fused tensor)."""
+        if self.view is not None:
+            if self.layout == "mxfp4":
+                return self.view.count * (self.view.in_dim // 2 + self.view.in_dim // 32)
+            return self.view.count * self.view.in_dim * dtype_size(self.source.dtype)
+        return self.source.nbytes + (self.src_scale.nbytes if self.src_scale is not None else 0)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape this op reads: a view's [count, in_dim], else the source's."""
+        if self.view is not None:
+            return (self.view.count, self.view.in_dim)
+        return self.source.shape
 
     @property
     def bytes_out(self) -> int:
@@ -87,8 +125,13 @@ class Op:
     @property
     def action(self) -> str:
         """A short label for tables: what happens to this tensor."""
+        if self.kind == "repack":
+            return "mxfp4 repack"
+        if self.kind == "slice":
+            return "split per expert"
         if self.kind == "quantize":
-            return self.scheme + (" (from fp8)" if self.src_scale is not None else "")
+            src = {"mxfp4": " (from mxfp4)", None: ""}.get(self.layout, " (from fp8)")
+            return self.scheme + src + (" per expert" if self.view else "")
         if self.kind == "fp8":
             return "fp8 dynamic"
         if self.kind == "dequantize":
@@ -149,7 +192,7 @@ class Plan:
             s = out[op.role]
             s.tensors += 1
             s.quantized += op.module_scheme is not None
-            s.bytes_in += op.source.nbytes + (op.src_scale.nbytes if op.src_scale else 0)
+            s.bytes_in += op.bytes_in
             s.bytes_out += op.bytes_out
         return {r: s for r, s in out.items() if s.tensors}
 
@@ -280,9 +323,15 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
     fp8 = find_fp8_weights(src.tensors, src.config)
     consumed = {t.name for f in fp8.values() for t in (f.scale, f.input_scale) if t is not None}
 
+    experts = plan_fused_experts(src, family, classifier, opts, recipe, ignore_res, warnings)
+    consumed |= experts.consumed
+
     ops: list[Op] = []
     for info in src.tensors.values():
         if info.name in consumed:
+            continue
+        if info.name in experts.ops:
+            ops.extend(experts.ops[info.name])
             continue
         role = classifier.role(info.name)
         scheme = _scheme_for(role, opts, recipe)
@@ -292,13 +341,126 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
     scale_groups: dict[str, list[str]] = {}
     for op in ops:
         if op.kind == "quantize" and SCHEMES[op.scheme].has_global_scale:
-            key = classifier.fused_key(op.source.name) or op.source.name
+            key = classifier.fused_key(op.module + ".weight") or op.module
             op.scale_group = key
-            scale_groups.setdefault(key, []).append(op.source.name)
+            scale_groups.setdefault(key, []).append(op.module)
 
     shards = _assign_shards(ops, opts.max_shard_size)
     qconfig = _quantization_config(ops, src.config)
     return Plan(src, opts, family.name, ops, shards, scale_groups, qconfig, warnings)
+
+
+FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)(?P<suffix>\.weight|_blocks|_bias)?$")
+
+
+@dataclass
+class ExpertsPlan:
+    ops: dict[str, list[Op]] = field(default_factory=dict)  # source tensor -> its per-expert ops
+    consumed: set[str] = field(default_factory=set)  # tensors read by those ops, not planned on their own
+
+
+def _hidden_size(config: dict) -> int | None:
+    for c in (config, config.get("text_config") or {}):
+        if isinstance(c.get("hidden_size"), int):
+            return c["hidden_size"]
+    return None
+
+
+def plan_fused_experts(src: Checkpoint, family, classifier: Classifier, opts: Options, recipe: Recipe | None,
+                       ignore_res: list[re.Pattern[str]], warnings: list[str]) -> ExpertsPlan:
+    """Per-expert 2-D ops for fused 3-D expert tensors.
+
+    ``experts.gate_up_proj`` [E, 2I, H] (or [E, H, 2I] input-major, gate/up interleaved
+    for gpt-oss) and ``experts.down_proj`` become ``experts.{e}.gate_proj / up_proj /
+    down_proj`` Linears, the per-expert naming of llm-compressor's
+    ``split_fused_moe_experts`` and linearized experts, which vLLM's compressed-tensors
+    MoE loader reads. gpt-oss MXFP4 sources (``*_blocks`` uint8 [E, out, G, 16] +
+    ``*_scales`` [E, out, G], output-major, gate/up interleaved) are repacked row by row.
+    Biases (``*_bias`` [E, out]) are split the same way.
+    """
+    res = ExpertsPlan()
+    hidden = _hidden_size(src.config)
+    in_out = getattr(family, "experts_layout", "out_in") == "in_out"
+    interleaved = bool(getattr(family, "experts_interleaved", False))
+    mxfp4_src = (src.config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+    for name, info in src.tensors.items():
+        m = FUSED_EXPERTS.match(name)
+        if not m or (m.group("suffix") == "_bias"):
+            continue
+        prefix, kind, suffix = m.group("prefix"), m.group("kind"), m.group("suffix") or ""
+        role = classifier.role(name)
+        scheme = _scheme_for(role, opts, recipe)
+        if role != "mlp":
+            continue
+        blocks = suffix == "_blocks"
+        if blocks:
+            scales = src.tensors.get(f"{prefix}.{kind}_scales")
+            if scales is None or len(info.shape) != 4 or info.dtype != "U8":
+                raise QStreamError(f"tensor {name!r} ({info.path.name}) looks like gpt-oss MXFP4 blocks but has no "
+                                   f"{prefix}.{kind}_scales or is not uint8 [E, out, G, 16].")
+            if scheme is None:
+                raise QStreamError(f"{src.root} stores its experts as MXFP4 ({name}); choose --mlp mxfp4 (a lossless "
+                                   "repack) or --mlp nvfp4.")
+            E, out_total, G, B = info.shape
+            transpose, in_dim = False, G * B * 2
+            row_inter = kind == "gate_up_proj"  # gpt-oss interleaves gate/up rows
+        else:
+            if len(info.shape) != 3:
+                continue
+            E, d1, d2 = info.shape
+            transpose = in_out
+            if hidden is not None and kind == "gate_up_proj":
+                transpose = d1 == hidden and d2 != hidden if d1 != d2 else in_out
+            elif hidden is not None and kind == "down_proj":
+                transpose = d2 == hidden and d1 != hidden if d1 != d2 else in_out
+            out_total, in_dim = (d2, d1) if transpose else (d1, d2)
+            row_inter = interleaved and kind == "gate_up_proj"
+            if scheme is None or any(r.search(name) for r in ignore_res):
+                continue  # stays one fused tensor, passed through
+            if info.dtype not in FLOAT_SOURCE_DTYPES:
+                raise QStreamError(f"tensor {name!r} ({info.path.name}) has dtype {info.dtype}; fused experts are "
+                                   f"read from {', '.join(FLOAT_SOURCE_DTYPES)} (or gpt-oss MXFP4 blocks).")
+            if in_dim % scheme.group_size:
+                warnings.append(f"{name}: input dimension {in_dim} is not a multiple of {scheme.name}'s group size "
+                                f"{scheme.group_size}; left fused and unquantized")
+                continue
+        if kind == "gate_up_proj":
+            if out_total % 2:
+                raise QStreamError(f"tensor {name!r} has an odd gate_up dimension {out_total}; cannot split gate/up.")
+            half = out_total // 2
+            parts = [("gate_proj", 0, 2, half), ("up_proj", 1, 2, half)] if row_inter else \
+                [("gate_proj", 0, 1, half), ("up_proj", half, 1, half)]
+        else:
+            parts = [("down_proj", 0, 1, out_total)]
+        ops: list[Op] = []
+        for e in range(E):
+            for proj, start, step, count in parts:
+                module = f"{prefix}.{e}.{proj}"
+                view = View(e, transpose, start, step, count, in_dim)
+                if blocks and scheme.name == "mxfp4":
+                    outs = [OutTensor(n, d, sh) for n, d, sh in scheme.outputs(module, (count, in_dim))]
+                    ops.append(Op("repack", role, info, outs, scheme="mxfp4", src_scale=scales, layout="mxfp4",
+                                  view=view, out_module=module, module_scheme="mxfp4"))
+                else:
+                    outs = [OutTensor(n, d, sh) for n, d, sh in scheme.outputs(module, (count, in_dim))]
+                    ops.append(Op("quantize", role, info, outs, scheme=scheme.name,
+                                  src_scale=scales if blocks else None, layout="mxfp4" if blocks else None,
+                                  view=view, out_module=module, module_scheme=scheme.name))
+        res.ops[name] = ops
+        if blocks:
+            res.consumed.add(scales.name)
+        bias = src.tensors.get(f"{prefix}.{kind}_bias")
+        if bias is not None and len(bias.shape) == 2 and bias.shape[0] == E:
+            bops = []
+            for e in range(E):
+                for proj, start, step, count in parts:
+                    view = View(e, False, start, step, count, 1)
+                    bops.append(Op("slice", role, bias, [OutTensor(f"{prefix}.{e}.{proj}.bias", bias.dtype, (count,))],
+                                   view=view, out_module=f"{prefix}.{e}.{proj}"))
+            res.ops[bias.name] = bops
+    if mxfp4_src and not any(op.kind in ("repack", "quantize") for ops in res.ops.values() for op in ops):
+        raise QStreamError(f"{src.root}: quantization_config says mxfp4 but no experts *_blocks tensors were found.")
+    return res
 
 
 def _keep_fp8(f: Fp8Weight, role: str) -> list[Op]:

@@ -34,6 +34,8 @@ class Family:
     rules: list[Rule]
     fused: list[re.Pattern[str]]
     source: str = ""
+    experts_layout: str = "out_in"  # fused 3-D experts: [E, out, in] ("out_in") or [E, in, out] ("in_out")
+    experts_interleaved: bool = False  # gate/up interleaved in the out axis (gpt-oss)
 
 
 def _parse_family(text: str, source: str) -> Family:
@@ -66,6 +68,8 @@ def _parse_family(text: str, source: str) -> Family:
         rules=rules,
         fused=fused,
         source=source,
+        experts_layout=str(data.get("experts_layout", "out_in")),
+        experts_interleaved=bool(data.get("experts_interleaved", False)),
     )
 
 

@@ -255,3 +255,190 @@ def write_qwen3_block_fp8(root: Path, twin: Path | None = None, seed: int = 1) -
     if twin is not None:
         write_checkpoint(twin, qwen3_config(block_fp8=False), ref, n_shards=1, straddle=False)
     return root
+
+
+# --------------------------------------------------------------------------- MoE
+
+def _rand(rng, *shape, scale=0.08, dtype=ml_dtypes.bfloat16):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def qwen3_moe_config(E=4, hidden=64, inter=64, layers=2) -> dict:
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": hidden,
+        "intermediate_size": 128, "moe_intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256,
+        "num_experts": E, "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "norm_topk_prob": True, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+
+
+def qwen3_moe_tensors(cfg: dict, fused: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
+    """Qwen3-MoE weights; with fused, experts as transformers' 3-D gate_up_proj [E, 2I, H]
+    and down_proj [E, H, I]."""
+    rng = np.random.default_rng(seed)
+    h, i, E, hd = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"], cfg["head_dim"]
+    t = {"model.embed_tokens.weight": _rand(rng, 256, h, scale=0.5)}
+    for L in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{L}."
+        for n, s in (("self_attn.q_proj", (4 * hd, h)), ("self_attn.k_proj", (2 * hd, h)),
+                     ("self_attn.v_proj", (2 * hd, h)), ("self_attn.o_proj", (h, 4 * hd))):
+            t[p + n + ".weight"] = _rand(rng, *s)
+        t[p + "self_attn.q_norm.weight"] = np.ones(hd, ml_dtypes.bfloat16)
+        t[p + "self_attn.k_norm.weight"] = np.ones(hd, ml_dtypes.bfloat16)
+        t[p + "input_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+        t[p + "post_attention_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+        t[p + "mlp.gate.weight"] = _rand(rng, E, h, scale=0.3)
+        gate = [_rand(rng, i, h) for _ in range(E)]
+        up = [_rand(rng, i, h) for _ in range(E)]
+        down = [_rand(rng, h, i) for _ in range(E)]
+        for e in range(E):  # a few experts with very different magnitudes
+            gate[e] = (gate[e].astype(np.float32) * (1 + 3 * e)).astype(ml_dtypes.bfloat16)
+        if fused:
+            t[p + "mlp.experts.gate_up_proj"] = np.stack([np.concatenate([gate[e], up[e]], 0) for e in range(E)])
+            t[p + "mlp.experts.down_proj"] = np.stack(down)
+        else:
+            for e in range(E):
+                t[p + f"mlp.experts.{e}.gate_proj.weight"] = gate[e]
+                t[p + f"mlp.experts.{e}.up_proj.weight"] = up[e]
+                t[p + f"mlp.experts.{e}.down_proj.weight"] = down[e]
+    t["model.norm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+    t["lm_head.weight"] = _rand(rng, 256, h)
+    return t
+
+
+def mixtral_config(E=4, hidden=64, inter=96, layers=2) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256, "num_local_experts": E,
+        "num_experts_per_tok": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+
+
+def mixtral_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    h, i, E, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"], cfg["head_dim"]
+    t = {"model.embed_tokens.weight": _rand(rng, 256, h, scale=0.5)}
+    for L in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{L}."
+        for n, s in (("self_attn.q_proj", (4 * hd, h)), ("self_attn.k_proj", (2 * hd, h)),
+                     ("self_attn.v_proj", (2 * hd, h)), ("self_attn.o_proj", (h, 4 * hd))):
+            t[p + n + ".weight"] = _rand(rng, *s)
+        t[p + "input_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+        t[p + "post_attention_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+        t[p + "block_sparse_moe.gate.weight"] = _rand(rng, E, h, scale=0.3)
+        for e in range(E):
+            t[p + f"block_sparse_moe.experts.{e}.w1.weight"] = _rand(rng, i, h, scale=0.05 * (e + 1))
+            t[p + f"block_sparse_moe.experts.{e}.w3.weight"] = _rand(rng, i, h)
+            t[p + f"block_sparse_moe.experts.{e}.w2.weight"] = _rand(rng, h, i)
+    t["model.norm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+    t["lm_head.weight"] = _rand(rng, 256, h)
+    return t
+
+
+def deepseek_v3_config(E=4, hidden=64, layers=2) -> dict:
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": hidden,
+        "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": layers,
+        "first_k_dense_replace": 1, "n_routed_experts": E, "n_shared_experts": 1, "num_experts_per_tok": 2,
+        "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": True,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16, "vocab_size": 256,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "rope_scaling": None,
+    }
+
+
+def deepseek_v3_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    h, E, mi = cfg["hidden_size"], cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+    nh, qk = cfg["num_attention_heads"], cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    t = {"model.embed_tokens.weight": _rand(rng, 256, h, scale=0.5)}
+    for L in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{L}."
+        t[p + "self_attn.q_a_proj.weight"] = _rand(rng, cfg["q_lora_rank"], h)
+        t[p + "self_attn.q_a_layernorm.weight"] = np.ones(cfg["q_lora_rank"], ml_dtypes.bfloat16)
+        t[p + "self_attn.q_b_proj.weight"] = _rand(rng, nh * qk, cfg["q_lora_rank"])
+        t[p + "self_attn.kv_a_proj_with_mqa.weight"] = _rand(rng, cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], h)
+        t[p + "self_attn.kv_a_layernorm.weight"] = np.ones(cfg["kv_lora_rank"], ml_dtypes.bfloat16)
+        t[p + "self_attn.kv_b_proj.weight"] = _rand(rng, nh * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]), cfg["kv_lora_rank"])
+        t[p + "self_attn.o_proj.weight"] = _rand(rng, h, nh * cfg["v_head_dim"])
+        t[p + "input_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+        t[p + "post_attention_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+        if L < cfg["first_k_dense_replace"]:
+            t[p + "mlp.gate_proj.weight"] = _rand(rng, cfg["intermediate_size"], h)
+            t[p + "mlp.up_proj.weight"] = _rand(rng, cfg["intermediate_size"], h)
+            t[p + "mlp.down_proj.weight"] = _rand(rng, h, cfg["intermediate_size"])
+        else:
+            t[p + "mlp.gate.weight"] = _rand(rng, E, h, scale=0.3)
+            t[p + "mlp.gate.e_score_correction_bias"] = (rng.standard_normal(E) * 0.1).astype(np.float32)
+            for e in range(E):
+                t[p + f"mlp.experts.{e}.gate_proj.weight"] = _rand(rng, mi, h)
+                t[p + f"mlp.experts.{e}.up_proj.weight"] = _rand(rng, mi, h, scale=0.2)
+                t[p + f"mlp.experts.{e}.down_proj.weight"] = _rand(rng, h, mi)
+            t[p + "mlp.shared_experts.gate_proj.weight"] = _rand(rng, mi, h)
+            t[p + "mlp.shared_experts.up_proj.weight"] = _rand(rng, mi, h)
+            t[p + "mlp.shared_experts.down_proj.weight"] = _rand(rng, h, mi)
+    t["model.norm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+    t["lm_head.weight"] = _rand(rng, 256, h)
+    return t
+
+
+def gpt_oss_config(E=4, hidden=64, inter=64, layers=2, mxfp4=False) -> dict:
+    cfg = {
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256, "num_local_experts": E,
+        "num_experts_per_tok": 2, "experts_per_token": 2, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5, "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"][:layers],
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "attention_bias": True,
+        "rope_scaling": None, "swiglu_limit": 7.0,
+    }
+    if mxfp4:
+        cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert":
+                                      ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    return cfg
+
+
+def gpt_oss_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """gpt-oss in BF16: experts gate_up_proj [E, H, 2I] (gate/up interleaved in the last
+    axis), down_proj [E, I, H], biases, router."""
+    rng = np.random.default_rng(seed)
+    h, i, E, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"], cfg["head_dim"]
+    t = {"model.embed_tokens.weight": _rand(rng, 256, h, scale=0.5)}
+    for L in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{L}."
+        for n, s in (("q_proj", (4 * hd, h)), ("k_proj", (2 * hd, h)), ("v_proj", (2 * hd, h)), ("o_proj", (h, 4 * hd))):
+            t[p + f"self_attn.{n}.weight"] = _rand(rng, *s)
+            t[p + f"self_attn.{n}.bias"] = _rand(rng, s[0], scale=0.01)
+        t[p + "self_attn.sinks"] = _rand(rng, 4, scale=0.1)
+        t[p + "input_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+        t[p + "post_attention_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+        t[p + "mlp.router.weight"] = _rand(rng, E, h, scale=0.3)
+        t[p + "mlp.router.bias"] = _rand(rng, E, scale=0.1)
+        t[p + "mlp.experts.gate_up_proj"] = _rand(rng, E, h, 2 * i)
+        t[p + "mlp.experts.gate_up_proj_bias"] = _rand(rng, E, 2 * i, scale=0.01)
+        t[p + "mlp.experts.down_proj"] = _rand(rng, E, i, h)
+        t[p + "mlp.experts.down_proj_bias"] = _rand(rng, E, h, scale=0.01)
+    t["model.norm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+    t["lm_head.weight"] = _rand(rng, 256, h)
+    return t
+
+
+def gpt_oss_mxfp4_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """gpt-oss as released: experts as MXFP4 *_blocks uint8 [E, out, G, 16] and *_scales
+    uint8 [E, out, G] (output-major; gate/up rows interleaved), random codes and exponents."""
+    rng = np.random.default_rng(seed)
+    t = gpt_oss_tensors(cfg, seed)
+    h, i, E = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"]
+    for L in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{L}.mlp.experts."
+        del t[p + "gate_up_proj"], t[p + "down_proj"]
+        t[p + "gate_up_proj_blocks"] = rng.integers(0, 256, (E, 2 * i, h // 32, 16), dtype=np.uint8)
+        t[p + "gate_up_proj_scales"] = rng.integers(118, 128, (E, 2 * i, h // 32), dtype=np.uint8)
+        t[p + "down_proj_blocks"] = rng.integers(0, 256, (E, h, i // 32, 16), dtype=np.uint8)
+        t[p + "down_proj_scales"] = rng.integers(118, 128, (E, h, i // 32), dtype=np.uint8)
+    return t

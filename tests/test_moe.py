@@ -1,0 +1,235 @@
+"""Mixture-of-experts: Mixtral, Qwen3-MoE (per-expert and fused 3-D), DeepSeek-V3,
+gpt-oss (BF16 fused, and MXFP4 blocks repacked without rounding)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import run_qstream
+from ct_reference import ct_decompress_mxfp4, ct_decompress_nvfp4, ct_mxfp4, ct_nvfp4
+from synth import (deepseek_v3_config, deepseek_v3_tensors, gpt_oss_config, gpt_oss_mxfp4_tensors, gpt_oss_tensors,
+                   mixtral_config, mixtral_tensors, qwen3_moe_config, qwen3_moe_tensors, write_checkpoint)
+from test_convert import ignored, load_dir, raw
+
+IDS = torch.tensor([[1, 17, 33, 200, 5, 9, 77, 120], [3, 3, 250, 41, 8, 19, 64, 2]])
+
+MODELS = {
+    "mixtral": (mixtral_config, mixtral_tensors, {}),
+    "qwen3_moe": (qwen3_moe_config, qwen3_moe_tensors, {}),
+    "qwen3_moe_fused": (qwen3_moe_config, qwen3_moe_tensors, {"fused": True}),
+    "deepseek_v3": (deepseek_v3_config, deepseek_v3_tensors, {}),
+    "gpt_oss": (gpt_oss_config, gpt_oss_tensors, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    out = {}
+    for name, (cfg_fn, t_fn, kw) in MODELS.items():
+        cfg = cfg_fn()
+        out[name] = write_checkpoint(root / name, cfg, t_fn(cfg, **kw), n_shards=2)
+    cfg = gpt_oss_config(mxfp4=True)
+    out["gpt_oss_mxfp4"] = write_checkpoint(root / "gpt_oss_mxfp4", cfg, gpt_oss_mxfp4_tensors(cfg), n_shards=2)
+    return out
+
+
+def f32(t: torch.Tensor) -> torch.Tensor:
+    return t.float()
+
+
+def expected_linears(name: str, src: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
+    """module -> the 2-D [out, in] weight it must hold, from the source tensors."""
+    lin = {}
+    for k, v in src.items():
+        if k.endswith(".weight") and v.ndim == 2 and re.search(r"\.(mlp|block_sparse_moe)\.(experts|shared_experts|gate_proj|up_proj|down_proj)", k):
+            lin[k.removesuffix(".weight")] = v
+        m = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)$", k)
+        if m and v.ndim == 3:
+            prefix, kind = m.groups()
+            for e in range(v.shape[0]):
+                if name == "gpt_oss":  # [E, H, 2I] input-major, gate/up interleaved
+                    w = v[e].T
+                    parts = {"gate_proj": w[0::2], "up_proj": w[1::2]} if kind == "gate_up_proj" else {"down_proj": w}
+                else:  # [E, 2I, H], gate then up
+                    half = v.shape[1] // 2
+                    parts = {"gate_proj": v[e, :half], "up_proj": v[e, half:]} if kind == "gate_up_proj" else {"down_proj": v[e]}
+                for proj, w2 in parts.items():
+                    lin[f"{prefix}.{e}.{proj}"] = w2.contiguous()
+    return lin
+
+
+def partner_sets(modules: list[str]) -> list[list[str]]:
+    sets: dict[str, list[str]] = {}
+    for m in modules:
+        k = re.sub(r"\.(gate_proj|up_proj|w1|w3)$", "", m)
+        if k != m:
+            sets.setdefault(k, []).append(m)
+    return [v for v in sets.values() if len(v) == 2]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+def test_moe_bytes_routers_and_shared_scales(sources, tmp_path, name, scheme):
+    src_dir = sources[name]
+    dst = tmp_path / "out"
+    run_qstream("convert", src_dir, dst, "--mlp", scheme, "-q", check=True)
+    src, out = load_dir(src_dir), load_dir(dst)
+    cfg = json.loads((src_dir / "config.json").read_text())
+    lin = expected_linears(name, src, cfg)
+    assert lin, "fixture has MLP linears"
+    sets = partner_sets(list(lin))
+    partner_of = {m: [p for p in s if p != m] for s in sets for m in s}
+    for module, w in lin.items():
+        ref = ct_nvfp4(w, [lin[p] for p in partner_of.get(module, [])]) if scheme == "nvfp4" else ct_mxfp4(w)
+        for k, v in ref.items():
+            assert raw(out[f"{module}.{k}"]) == raw(v), f"{module}.{k}"
+        assert f"{module}.weight" not in out
+    if scheme == "nvfp4":  # every fused partner set shares one global scale
+        assert sets
+        for s in sets:
+            vals = {out[f"{m}.weight_global_scale"].item() for m in s}
+            assert len(vals) == 1, s
+    # routers, router biases, score corrections: never quantized, byte-identical, ignored
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    routers = [k for k in src if re.search(r"\.(gate|router)\.(weight|bias|e_score_correction_bias)$", k)]
+    assert routers
+    for k in routers:
+        assert raw(out[k]) == raw(src[k]), k
+        if k.endswith(".weight"):
+            assert ignored(qc, k.removesuffix(".weight"))
+    # fused 3-D tensors are never left silently: they are split, nothing else remains
+    assert not [k for k, v in out.items() if v.ndim == 3]
+
+
+def _dequantized_checkpoint(dst: Path, target: Path, scheme: str) -> dict[str, torch.Tensor]:
+    """compressed-tensors' own decompression of every quantized module -> a BF16 state dict."""
+    out = load_dir(dst)
+    sd = {}
+    for k, v in out.items():
+        if k.endswith(".weight_packed"):
+            m = k.removesuffix(".weight_packed")
+            if scheme == "nvfp4":
+                sd[m + ".weight"] = ct_decompress_nvfp4(v, out[m + ".weight_scale"], out[m + ".weight_global_scale"])
+            else:
+                sd[m + ".weight"] = ct_decompress_mxfp4(v, out[m + ".weight_scale"])
+        elif not re.search(r"\.weight_(scale|global_scale)$", k):
+            sd[k] = v
+    return sd
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen3_moe_fused", "deepseek_v3"])
+def test_moe_logits_close_through_compressed_tensors_decoding(sources, tmp_path, name):
+    """transformers 5.23 fuses experts into 3-D parameters, which compressed-tensors does
+    not quantize, so it cannot load per-expert FP4 MoE checkpoints directly (vLLM can).
+    We decode every module with compressed-tensors, save the BF16 result under the same
+    per-expert names (transformers' conversion mapping fuses them on load) and compare
+    logits with the source."""
+    from transformers import AutoModelForCausalLM
+
+    src_dir = sources[name]
+    dst = tmp_path / "out"
+    run_qstream("convert", src_dir, dst, "--mlp", "nvfp4", "-q", check=True)
+    sd = _dequantized_checkpoint(dst, tmp_path / "deq", "nvfp4")
+    deq = tmp_path / "deq"
+    deq.mkdir()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(deq / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.pop("quantization_config")
+    (deq / "config.json").write_text(json.dumps(cfg))
+    a = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.bfloat16)
+    b = AutoModelForCausalLM.from_pretrained(deq, dtype=torch.bfloat16)
+    with torch.no_grad():
+        la, lb = a(IDS).logits.float(), b(IDS).logits.float()
+    cos = torch.nn.functional.cosine_similarity(la.flatten(), lb.flatten(), dim=0).item()
+    assert cos > 0.95, cos  # FP4 MLP on random weights: close, not equal
+
+
+def _gpt_oss_decode_source(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """transformers' own gpt-oss MXFP4 decoding -> [E, in, out] float32."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+
+
+def test_gpt_oss_mxfp4_repack_is_lossless(sources, tmp_path):
+    src_dir = sources["gpt_oss_mxfp4"]
+    dst = tmp_path / "out"
+    run_qstream("convert", src_dir, dst, "--mlp", "mxfp4", "-q", check=True)
+    src, out = load_dir(src_dir), load_dir(dst)
+    for L in range(2):
+        p = f"model.layers.{L}.mlp.experts."
+        gu = _gpt_oss_decode_source(src[p + "gate_up_proj_blocks"], src[p + "gate_up_proj_scales"])  # [E, H, 2I]
+        dn = _gpt_oss_decode_source(src[p + "down_proj_blocks"], src[p + "down_proj_scales"])  # [E, I, H]
+        for e in range(gu.shape[0]):
+            want = {"gate_proj": gu[e][:, 0::2].T, "up_proj": gu[e][:, 1::2].T, "down_proj": dn[e].T}
+            for proj, w in want.items():
+                m = f"{p}{e}.{proj}"
+                got = ct_decompress_mxfp4(out[m + ".weight_packed"], out[m + ".weight_scale"]).float()
+                assert torch.equal(got, w), m  # decoded values identical: no rounding at all
+            bias = src[p + "gate_up_proj_bias"][e]
+            assert torch.equal(out[f"{p}{e}.gate_proj.bias"], bias[0::2]) and torch.equal(out[f"{p}{e}.up_proj.bias"], bias[1::2])
+            assert torch.equal(out[f"{p}{e}.down_proj.bias"], src[p + "down_proj_bias"][e])
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "mxfp4-pack-quantized" and qc["quant_method"] == "compressed-tensors"
+    assert not any(k.endswith(("_blocks", "_scales")) for k in out)
+
+
+def test_gpt_oss_mxfp4_to_nvfp4_requantizes(sources, tmp_path):
+    src_dir = sources["gpt_oss_mxfp4"]
+    dst = tmp_path / "out"
+    run_qstream("convert", src_dir, dst, "--mlp", "nvfp4", "-q", check=True)
+    src, out = load_dir(src_dir), load_dir(dst)
+    p = "model.layers.1.mlp.experts."
+    gu = _gpt_oss_decode_source(src[p + "gate_up_proj_blocks"], src[p + "gate_up_proj_scales"])
+    gate, up = gu[2][:, 0::2].T.contiguous(), gu[2][:, 1::2].T.contiguous()
+    for proj, w, partner in (("gate_proj", gate, up), ("up_proj", up, gate)):
+        for k, v in ct_nvfp4(w, [partner]).items():
+            assert raw(out[f"{p}2.{proj}.{k}"]) == raw(v), (proj, k)
+
+
+def test_gpt_oss_bf16_logits(sources, tmp_path):
+    """gpt-oss BF16 fused experts: decode our per-expert output with compressed-tensors,
+    fuse it back into gpt-oss's layout and compare logits with the source."""
+    from transformers import AutoModelForCausalLM
+
+    src_dir = sources["gpt_oss"]
+    dst = tmp_path / "out"
+    run_qstream("convert", src_dir, dst, "--mlp", "mxfp4", "-q", check=True)
+    sd = _dequantized_checkpoint(dst, tmp_path / "deq", "mxfp4")
+    src = load_dir(src_dir)
+    fused = {k: v for k, v in sd.items() if not re.search(r"\.experts\.\d+\.", k)}
+    for L in range(2):
+        p = f"model.layers.{L}.mlp.experts."
+        E = src[p + "gate_up_proj"].shape[0]
+        gu, gub, dn, dnb = [], [], [], []
+        for e in range(E):
+            g, u = sd[f"{p}{e}.gate_proj.weight"].T, sd[f"{p}{e}.up_proj.weight"].T
+            gu.append(torch.stack([g, u], dim=-1).reshape(g.shape[0], -1))
+            gub.append(torch.stack([sd[f"{p}{e}.gate_proj.bias"], sd[f"{p}{e}.up_proj.bias"]], -1).reshape(-1))
+            dn.append(sd[f"{p}{e}.down_proj.weight"].T)
+            dnb.append(sd[f"{p}{e}.down_proj.bias"])
+        fused[p + "gate_up_proj"] = torch.stack(gu)
+        fused[p + "gate_up_proj_bias"] = torch.stack(gub)
+        fused[p + "down_proj"] = torch.stack(dn)
+        fused[p + "down_proj_bias"] = torch.stack(dnb)
+        assert torch.equal(fused[p + "gate_up_proj_bias"], src[p + "gate_up_proj_bias"])
+    deq = tmp_path / "deq"
+    deq.mkdir()
+    save_file({k: v.contiguous() for k, v in fused.items()}, str(deq / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.pop("quantization_config")
+    (deq / "config.json").write_text(json.dumps(cfg))
+    a = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.bfloat16)
+    b = AutoModelForCausalLM.from_pretrained(deq, dtype=torch.bfloat16)
+    with torch.no_grad():
+        la, lb = a(IDS).logits.float(), b(IDS).logits.float()
+    assert torch.nn.functional.cosine_similarity(la.flatten(), lb.flatten(), dim=0).item() > 0.95
