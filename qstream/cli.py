@@ -194,13 +194,15 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, dry_run, overwr
     dstp = Path(dst)
     # An interrupted push of this same plan resumes with the same command (DST is all ours).
     resume = resume or bool(push_to_hub and push_resumable(dstp, push_to_hub, plan.fingerprint()))
-    prepare_dst(plan.source.root, dstp, overwrite=overwrite, resume=resume)
-    meter = DiskMeter([dstp]).start() if low_disk else None
     pusher = None
     if push_to_hub:
         pusher = HubPusher(push_to_hub, dstp, plan.fingerprint(), private=private, branch=push_revision,
                            commit_message=commit_message or "", delete_uploaded=low_disk, log=console.print)
+        pusher.connect()
+    prepare_dst(plan.source.root, dstp, overwrite=overwrite, resume=resume)
+    if pusher is not None:
         pusher.start()
+    meter = DiskMeter([dstp]).start() if low_disk else None
     hooks = HubHooks(plan, dstp, low_disk=low_disk, pusher=pusher, meter=meter)
     progress, done = make_progress(console, quiet)
     progress.on_tensor = hooks.paced(progress.on_tensor)

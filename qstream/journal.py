@@ -43,18 +43,29 @@ class Journal:
             return None
         try:
             obj = json.loads(p.read_text())
-            return cls(p, obj["fingerprint"], dict(obj.get("shards", {})), bool(obj.get("complete")))
-        except (OSError, ValueError, KeyError, TypeError):
+            fingerprint, shards = obj["fingerprint"], dict(obj.get("shards", {}))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None  # a torn or foreign journal is treated as no journal: redo everything
+        if not isinstance(fingerprint, str) or not all(
+            isinstance(r, dict) and isinstance(r.get("size"), int) and isinstance(r.get("sha256"), str)
+            for r in shards.values()
+        ):
+            return None  # damaged records: same
+        return cls(p, fingerprint, shards, bool(obj.get("complete")))
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         data = json.dumps({"fingerprint": self.fingerprint, "complete": self.complete, "shards": self.shards}, indent=1)
-        with open(tmp, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:  # a full or read-only disk: one clear sentence, not a traceback
+            from .writer import _os_error
+
+            raise _os_error(self.path, e) from e
 
     def record(self, filename: str, size: int, sha256: str) -> None:
         self.shards[filename] = {"size": size, "sha256": sha256}

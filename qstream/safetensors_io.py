@@ -90,41 +90,58 @@ def read_header(path: Path) -> ShardHeader:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise QStreamError(
-                    f"{path}: file is only {size} bytes, too short to be safetensors; "
-                    "re-download it."
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > MAX_HEADER_BYTES:
-                raise QStreamError(
-                    f"{path}: header length {n} is larger than the file ({size} bytes); "
-                    "the file is truncated or not safetensors, re-download it."
-                )
+            n = header_length(f.read(8), size, path)
             raw = f.read(n)
     except OSError as e:
         raise QStreamError(f"{path}: cannot read ({e.strerror}); check the path and permissions.") from e
+    return parse_header(raw, size, path)
+
+
+def header_length(head: bytes, size: int, where: object) -> int:
+    """The header length N from a file's first 8 bytes, checked against the file size.
+    ``where`` names the file in errors (a path, or repo/file for a remote shard)."""
+    if len(head) < 8:
+        raise QStreamError(
+            f"{where}: file is only {size} bytes, too short to be safetensors; "
+            "re-download it."
+        )
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > size - 8 or n > MAX_HEADER_BYTES:
+        raise QStreamError(
+            f"{where}: header length {n} is larger than the file ({size} bytes); "
+            "the file is truncated or not safetensors, re-download it."
+        )
+    return n
+
+
+def parse_header(raw: bytes, size: int, path: Path, label: object = None) -> ShardHeader:
+    """Validate the JSON header ``raw`` (the N bytes after the length) of a safetensors
+    file of ``size`` bytes. Tensors get ``path`` (where the bytes are, or will be once
+    downloaded); ``label`` names the file in errors and defaults to ``path``."""
+    path = Path(path)
+    where_file = path if label is None else label
+    n = len(raw)
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    # ValueError: JSONDecodeError, and ints past Python's digit limit; RecursionError: deep nesting.
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise QStreamError(
-            f"{path}: header is not valid JSON ({e.__class__.__name__}); the file is "
+            f"{where_file}: header is not valid JSON ({e.__class__.__name__}); the file is "
             "corrupt, re-download it."
         ) from e
     if not isinstance(obj, dict):
-        raise QStreamError(f"{path}: header is not a JSON object; the file is corrupt, re-download it.")
+        raise QStreamError(f"{where_file}: header is not a JSON object; the file is corrupt, re-download it.")
     data_start = 8 + n
     data_len = size - data_start
     hdr = ShardHeader(path=path, data_start=data_start)
     meta = obj.pop("__metadata__", None)
     if meta is not None:
         if not isinstance(meta, dict):
-            raise QStreamError(f"{path}: __metadata__ is not a JSON object; the file is corrupt.")
+            raise QStreamError(f"{where_file}: __metadata__ is not a JSON object; the file is corrupt.")
         hdr.metadata = {str(k): str(v) for k, v in meta.items()}
     spans = []
     for name, ent in obj.items():
-        where = f"{path}: tensor {name!r}"
+        where = f"{where_file}: tensor {name!r}"
         if not isinstance(ent, dict):
             raise QStreamError(f"{where}: header entry is not an object; the file is corrupt.")
         dtype = ent.get("dtype")
@@ -167,7 +184,7 @@ def read_header(path: Path) -> ShardHeader:
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise QStreamError(
-                f"{path}: tensors {n0!r} and {n1!r} overlap in the file; the file is corrupt."
+                f"{where_file}: tensors {n0!r} and {n1!r} overlap in the file; the file is corrupt."
             )
     return hdr
 

@@ -60,7 +60,45 @@ def _load_json(path: Path, what: str) -> dict:
     return obj
 
 
-def open_checkpoint(root: str | Path) -> Checkpoint:
+def collect_tensors(shards: list[ShardHeader], weight_map: dict | None) -> dict[str, TensorInfo]:
+    """All tensors of the shards in source order, checked against each other and the index."""
+    tensors: dict[str, TensorInfo] = {}
+    for s in shards:
+        for info in sorted(s.tensors.values(), key=lambda t: t.begin):
+            if info.name in tensors:
+                raise QStreamError(
+                    f"tensor {info.name!r} appears in both {tensors[info.name].path.name} and "
+                    f"{s.path.name}; remove the duplicate shard or fix the index."
+                )
+            if weight_map is not None and weight_map.get(info.name) != s.path.name:
+                if info.name not in weight_map:
+                    # Present in the shard but not in the index: the index is authoritative.
+                    continue
+                raise QStreamError(
+                    f"tensor {info.name!r} is in {s.path.name} but {INDEX_NAME} maps it to "
+                    f"{weight_map[info.name]}; fix the index or re-download."
+                )
+            tensors[info.name] = info
+    if weight_map is not None:
+        for name, fname in weight_map.items():
+            if name not in tensors:
+                raise QStreamError(
+                    f"{INDEX_NAME} maps tensor {name!r} to {fname}, but that shard does not "
+                    "contain it; the shard is incomplete or the index is stale, re-download."
+                )
+    return tensors
+
+
+def open_checkpoint(root: str | Path, revision: str | None = None, download_dir: Path | None = None) -> Checkpoint:
+    """Open a local checkpoint folder, or a Hub repo id (``org/name``) that is not a local
+    path: see :func:`qstream.hub.open_hub_checkpoint` (``revision``, ``download_dir``)."""
+    if not Path(root).exists():
+        from .hub import is_repo_id, open_hub_checkpoint
+
+        if is_repo_id(str(root)):
+            return open_hub_checkpoint(str(root), revision=revision, download_dir=download_dir)
+    elif revision is not None:
+        raise QStreamError(f"{root}: --revision applies to Hub repos, but {root} is a local folder; drop --revision.")
     root = Path(root)
     if not root.exists():
         raise QStreamError(f"{root}: source folder does not exist; pass a checkpoint folder.")
@@ -96,30 +134,7 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
             )
 
     shards = [read_header(root / f) for f in files]
-    tensors: dict[str, TensorInfo] = {}
-    for s in shards:
-        for info in sorted(s.tensors.values(), key=lambda t: t.begin):
-            if info.name in tensors:
-                raise QStreamError(
-                    f"tensor {info.name!r} appears in both {tensors[info.name].path.name} and "
-                    f"{s.path.name}; remove the duplicate shard or fix the index."
-                )
-            if weight_map is not None and weight_map.get(info.name) != s.path.name:
-                if info.name not in weight_map:
-                    # Present in the shard but not in the index: the index is authoritative.
-                    continue
-                raise QStreamError(
-                    f"tensor {info.name!r} is in {s.path.name} but {INDEX_NAME} maps it to "
-                    f"{weight_map[info.name]}; fix the index or re-download."
-                )
-            tensors[info.name] = info
-    if weight_map is not None:
-        for name, fname in weight_map.items():
-            if name not in tensors:
-                raise QStreamError(
-                    f"{INDEX_NAME} maps tensor {name!r} to {fname}, but that shard does not "
-                    "contain it; the shard is incomplete or the index is stale, re-download."
-                )
+    tensors = collect_tensors(shards, weight_map)
 
     used = {root / f for f in files}
     side: list[Path] = []

@@ -23,8 +23,10 @@ STAGING_DIR = ".qstream"
 
 
 def _os_error(path: Path, e: OSError) -> QStreamError:
-    if e.errno == errno.ENOSPC or e.errno == errno.EFBIG:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return QStreamError(f"{path}: no space left on the device while writing; free space (or pick another DST) and rerun with --resume.")
+    if e.errno == errno.EFBIG:
+        return QStreamError(f"{path}: file too large for this file system or size limit; rerun with a smaller --max-shard-size and --overwrite, or choose another DST.")
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return QStreamError(f"{path}: cannot write ({e.strerror}); choose a writable DST.")
     return QStreamError(f"{path}: write failed ({e.strerror}).")
@@ -45,7 +47,10 @@ class ShardWriter:
         try:
             if hasattr(os, "posix_fallocate") and shard.file_bytes:
                 # Reserve the space now: a full disk fails here, not after an hour.
-                os.posix_fallocate(self.fd, 0, shard.file_bytes)
+                try:
+                    os.posix_fallocate(self.fd, 0, shard.file_bytes)
+                except OSError as e:
+                    raise _os_error(self.tmp, e) from e
             self.pwrite(0, shard.header, absolute=True)
         except BaseException:
             self.abort()
@@ -75,7 +80,7 @@ class ShardWriter:
                         break
                     done += n
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EROFS):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
                 raise _os_error(self.tmp, e) from e
             # EXDEV / ENOSYS / EINVAL on some filesystems: fall back to pread/pwrite.
         chunk = 16 << 20

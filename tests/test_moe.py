@@ -7,8 +7,6 @@ import json
 import re
 from pathlib import Path
 
-import ml_dtypes
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -40,10 +38,6 @@ def sources(tmp_path_factory):
     cfg = gpt_oss_config(mxfp4=True)
     out["gpt_oss_mxfp4"] = write_checkpoint(root / "gpt_oss_mxfp4", cfg, gpt_oss_mxfp4_tensors(cfg), n_shards=2)
     return out
-
-
-def f32(t: torch.Tensor) -> torch.Tensor:
-    return t.float()
 
 
 def expected_linears(name: str, src: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
@@ -110,7 +104,7 @@ def test_moe_bytes_routers_and_shared_scales(sources, tmp_path, name, scheme):
     assert not [k for k, v in out.items() if v.ndim == 3]
 
 
-def _dequantized_checkpoint(dst: Path, target: Path, scheme: str) -> dict[str, torch.Tensor]:
+def _dequantized_checkpoint(dst: Path, scheme: str) -> dict[str, torch.Tensor]:
     """compressed-tensors' own decompression of every quantized module -> a BF16 state dict."""
     out = load_dir(dst)
     sd = {}
@@ -138,7 +132,7 @@ def test_moe_logits_close_through_compressed_tensors_decoding(sources, tmp_path,
     src_dir = sources[name]
     dst = tmp_path / "out"
     run_qstream("convert", src_dir, dst, "--mlp", "nvfp4", "-q", check=True)
-    sd = _dequantized_checkpoint(dst, tmp_path / "deq", "nvfp4")
+    sd = _dequantized_checkpoint(dst, "nvfp4")
     deq = tmp_path / "deq"
     deq.mkdir()
     save_file({k: v.contiguous() for k, v in sd.items()}, str(deq / "model.safetensors"), metadata={"format": "pt"})
@@ -204,7 +198,7 @@ def test_gpt_oss_bf16_logits(sources, tmp_path):
     src_dir = sources["gpt_oss"]
     dst = tmp_path / "out"
     run_qstream("convert", src_dir, dst, "--mlp", "mxfp4", "-q", check=True)
-    sd = _dequantized_checkpoint(dst, tmp_path / "deq", "mxfp4")
+    sd = _dequantized_checkpoint(dst, "mxfp4")
     src = load_dir(src_dir)
     fused = {k: v for k, v in sd.items() if not re.search(r"\.experts\.\d+\.", k)}
     for L in range(2):

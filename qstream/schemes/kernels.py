@@ -2,20 +2,27 @@
 
 Same semantics, byte for byte, as :mod:`qstream.schemes.reference` (the spec; read its
 docstring for the conventions). One pass per row: decode -> group amax -> scale ->
-FP4 rounding -> nibble packing, with no intermediate arrays at all.
+FP4 rounding -> codes, then nibble packing; the only scratch is one row of uint8
+codes per thread (no full-size intermediates).
 
 * Inputs are 2-D numpy arrays of ``ml_dtypes.bfloat16``, ``np.float16`` or
-  ``np.float32``. The kernels see the raw bits (uint16 for bf16 / fp16, uint32 for
-  fp32) and a ``kind`` code; bf16 -> f32 is a shift, fp16 -> f32 is decoded by bit
-  manipulation, and rounding a float32 result to bf16 / fp16 (what torch does after
-  each op on such tensors) is done on the bits, round half to even.
+  ``np.float32``. The kernels see the raw bits, and the integer type of that view
+  tells each specialization its dtype at compile time: uint16 = bf16, int16 = fp16,
+  uint32 = fp32 (numba has no bf16 type; its fp16 support is not needed). bf16 ->
+  f32 is a shift, fp16 -> f32 is decoded on the bits, and rounding a float32 result
+  to bf16 / fp16 (what torch does after each op on such tensors) is done on the
+  bits, round half to even, subnormals and overflow included.
 * float32 -> float8_e4m3fn (round half to even, subnormals kept, saturating at
   +-448 like torch's cast; NaN -> 0x7F | sign) is done on the bits too
-  (:func:`e4m3_encode`).
+  (:func:`e4m3_encode`; equal to torch's cast for all 2**32 inputs, and to
+  ml_dtypes' cast wherever ml_dtypes does not overflow to NaN, i.e. |x| <= 464).
+  The quantization path clamps to 448 first, as compressed-tensors does.
 * Every kernel is ``nogil``: run the serial kernels from several Python threads on
-  different row blocks. The ``parallel=True`` variants split rows across numba's
-  own thread pool; do not call those from several Python threads at once (numba's
-  default ``workqueue`` layer is not thread-safe; ``omp`` / ``tbb`` are).
+  different row blocks (this is the intended way to parallelise a stream). The
+  ``parallel=True`` variants split rows across numba's thread pool; with numba's
+  ``workqueue`` layer (used only when neither ``omp`` nor ``tbb`` is available) they
+  must not be called from several Python threads at once. A parallel launch costs
+  tens of microseconds (milliseconds on a loaded box): use it for big matrices.
 
 Public API (mirrors the reference):
     absmax(w) -> float
@@ -24,7 +31,7 @@ Public API (mirrors the reference):
     quantize_nvfp4_into(w, global_scale, packed_out, scale_out, *, parallel=False)
     quantize_mxfp4_into(w, packed_out, scale_out, *, parallel=False)
     e4m3_encode(x_float32_array) -> uint8 array
-    warmup() -> seconds
+    warmup() -> seconds (compiles, or loads from numba's cache, every specialization)
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ from __future__ import annotations
 import time
 
 import ml_dtypes
+import numba
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, literally, njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 __all__ = [
     "absmax",
@@ -59,7 +67,9 @@ K_BF16 = 0
 K_F16 = 1
 K_F32 = 2
 
-_KINDS = {BF16: (K_BF16, np.uint16), F16: (K_F16, np.uint16), F32: (K_F32, np.uint32)}
+# the raw-bits view handed to the kernels: its integer type IS the kind, so every
+# kernel specialization knows its dtype at compile time (``_kind_of``)
+_KINDS = {BF16: (K_BF16, np.uint16), F16: (K_F16, np.int16), F32: (K_F32, np.uint32)}
 
 # float8_e4m3fn code -> float32 value (NaN codes 0x7F / 0xFF are never looked up
 # on the quantization path)
@@ -100,6 +110,23 @@ def _bits_f32(typingctx, x):
     return types.float32(x), codegen
 
 
+def _kind_of(w):  # pragma: no cover - replaced by the overload in jitted code
+    raise NotImplementedError
+
+
+@overload(_kind_of, inline="always")
+def _kind_of_impl(w):
+    """Compile-time kind of a raw-bits array: uint16 bf16, int16 fp16, uint32 fp32."""
+    dtype = w.dtype
+    if dtype == types.uint16:
+        return lambda w: 0
+    if dtype == types.int16:
+        return lambda w: 1
+    if dtype == types.uint32:
+        return lambda w: 2
+    return None
+
+
 # --------------------------------------------------------- dtype emulation
 
 _F32_ONE = np.float32(1.0)
@@ -129,7 +156,7 @@ def _decode(b, kind):
     if kind == 0:
         return _bits_f32(np.uint32(b) << np.uint32(16))
     if kind == 1:
-        return _f16_bits_to_f32(np.uint32(b))
+        return _f16_bits_to_f32(np.uint32(b) & np.uint32(0xFFFF))
     return _bits_f32(np.uint32(b))
 
 
@@ -230,10 +257,9 @@ def _fp4(q):
 
 # ---------------------------------------------------------------- row kernels
 #
-# ``kind`` reaches the row kernels as a compile-time literal (``numba.literally`` in
-# the matrix kernels), so every dtype branch below is pruned at compile time. The
-# codes of a row go to a row-sized uint8 scratch in a loop LLVM can vectorize, and
-# are packed two per byte in a second loop.
+# ``kind`` is a compile-time constant of each specialization (``_kind_of``), so the
+# dtype branches below are folded away. The codes of a row go to a row-sized uint8
+# scratch in a loop LLVM can vectorize, and are packed two per byte in a second loop.
 
 
 @njit(inline="always", nogil=True, cache=True)
@@ -259,7 +285,8 @@ def _pack_row(codes, packed, r):
 
 
 @njit(nogil=True, cache=True)
-def _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale, codes):
+def _nvfp4_row(w, r, gs, e4m3_values, packed, scale, codes):
+    kind = _kind_of(w)
     mask = _abs_mask(kind)
     for g in range(w.shape[1] // 16):
         base = g * 16
@@ -281,7 +308,8 @@ def _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale, codes):
 
 
 @njit(nogil=True, cache=True)
-def _mxfp4_row(w, r, kind, packed, scale, codes):
+def _mxfp4_row(w, r, packed, scale, codes):
+    kind = _kind_of(w)
     mask = _abs_mask(kind)
     # round_to_power_2 constants: 1 << (mantissa - 2), sign+exponent mask
     if kind == 0:
@@ -321,41 +349,37 @@ def _mxfp4_row(w, r, kind, packed, scale, codes):
 
 
 @njit(nogil=True, cache=True)
-def _nvfp4_serial(w, kind, gs, e4m3_values, packed, scale):
-    literally(kind)
+def _nvfp4_serial(w, gs, e4m3_values, packed, scale):
     codes = np.empty(w.shape[1], dtype=np.uint8)
     for r in range(w.shape[0]):
-        _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale, codes)
+        _nvfp4_row(w, r, gs, e4m3_values, packed, scale, codes)
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _nvfp4_parallel(w, kind, gs, e4m3_values, packed, scale):
-    literally(kind)
+def _nvfp4_parallel(w, gs, e4m3_values, packed, scale, nchunks):
     rows = w.shape[0]
-    nchunks = min(rows, 4 * get_num_threads())
+    nchunks = max(min(rows, nchunks), 1)
     for c in prange(nchunks):
         codes = np.empty(w.shape[1], dtype=np.uint8)
         for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
-            _nvfp4_row(w, r, kind, gs, e4m3_values, packed, scale, codes)
+            _nvfp4_row(w, r, gs, e4m3_values, packed, scale, codes)
 
 
 @njit(nogil=True, cache=True)
-def _mxfp4_serial(w, kind, packed, scale):
-    literally(kind)
+def _mxfp4_serial(w, packed, scale):
     codes = np.empty(w.shape[1], dtype=np.uint8)
     for r in range(w.shape[0]):
-        _mxfp4_row(w, r, kind, packed, scale, codes)
+        _mxfp4_row(w, r, packed, scale, codes)
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _mxfp4_parallel(w, kind, packed, scale):
-    literally(kind)
+def _mxfp4_parallel(w, packed, scale, nchunks):
     rows = w.shape[0]
-    nchunks = min(rows, 4 * get_num_threads())
+    nchunks = max(min(rows, nchunks), 1)
     for c in prange(nchunks):
         codes = np.empty(w.shape[1], dtype=np.uint8)
         for r in range(c * rows // nchunks, (c + 1) * rows // nchunks):
-            _mxfp4_row(w, r, kind, packed, scale, codes)
+            _mxfp4_row(w, r, packed, scale, codes)
 
 
 @njit(nogil=True, cache=True)
@@ -397,8 +421,7 @@ def _bits(w: np.ndarray, group: int):
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
     if w.shape[1] % group:
         raise ValueError(f"columns ({w.shape[1]}) must be a multiple of {group}")
-    kind, utype = _KINDS[w.dtype]
-    return np.ascontiguousarray(w).view(utype), kind
+    return np.ascontiguousarray(w).view(_KINDS[w.dtype][1])
 
 
 def _check_out(arr, shape, name):
@@ -408,6 +431,10 @@ def _check_out(arr, shape, name):
         raise ValueError(f"{name} must be C-contiguous and writeable")
 
 
+def _nchunks() -> int:
+    return 4 * numba.get_num_threads()
+
+
 def absmax(w: np.ndarray) -> float:
     """max |w| as a python float (NaN if w holds a NaN), over any shape."""
     w = np.asarray(w)
@@ -415,9 +442,9 @@ def absmax(w: np.ndarray) -> float:
         raise TypeError(f"unsupported dtype {w.dtype}; expected bfloat16, float16, float32")
     if w.size == 0:
         return 0.0
-    kind, utype = _KINDS[w.dtype]
+    utype = np.uint32 if w.dtype == F32 else np.uint16
     flat = np.ascontiguousarray(w).reshape(-1).view(utype)
-    mask = utype(0x7FFFFFFF if kind == K_F32 else 0x7FFF)
+    mask = utype(0x7FFFFFFF if w.dtype == F32 else 0x7FFF)
     m = _absmax_bits(flat, mask)
     return float(np.array([m], dtype=utype).view(w.dtype)[0].astype(np.float32))
 
@@ -425,17 +452,21 @@ def absmax(w: np.ndarray) -> float:
 def quantize_nvfp4_into(w, global_scale, packed_out, scale_out, *, parallel=False):
     """NVFP4 of ``w`` into preallocated ``packed_out`` [rows, cols/2] and
     ``scale_out`` [rows, cols/16] (uint8, E4M3 bits)."""
-    bits, kind = _bits(w, NVFP4_GROUP)
+    bits = _bits(w, NVFP4_GROUP)
     rows, cols = bits.shape
     _check_out(packed_out, (rows, cols // 2), "packed_out")
     _check_out(scale_out, (rows, cols // NVFP4_GROUP), "scale_out")
-    fn = _nvfp4_parallel if parallel else _nvfp4_serial
-    fn(bits, kind, np.float32(global_scale), _E4M3_VALUES, packed_out, scale_out)
+    gs = np.float32(global_scale)
+    if parallel:
+        _nvfp4_parallel(bits, gs, _E4M3_VALUES, packed_out, scale_out, _nchunks())
+    else:
+        _nvfp4_serial(bits, gs, _E4M3_VALUES, packed_out, scale_out)
 
 
 def quantize_nvfp4(w, global_scale, *, parallel=False):
-    """Same as :func:`qstream.schemes.reference.quantize_nvfp4`."""
-    rows, cols = np.shape(w)
+    """Same as :func:`qstream.schemes.reference.quantize_nvfp4`:
+    ``(packed uint8 [rows, cols/2], scale uint8 [rows, cols/16] E4M3 bits)``."""
+    rows, cols = _bits(w, NVFP4_GROUP).shape
     packed = np.empty((rows, cols // 2), dtype=np.uint8)
     scale = np.empty((rows, cols // NVFP4_GROUP), dtype=np.uint8)
     quantize_nvfp4_into(w, global_scale, packed, scale, parallel=parallel)
@@ -445,17 +476,20 @@ def quantize_nvfp4(w, global_scale, *, parallel=False):
 def quantize_mxfp4_into(w, packed_out, scale_out, *, parallel=False):
     """MXFP4 of ``w`` into preallocated ``packed_out`` [rows, cols/2] and
     ``scale_out`` [rows, cols/32] (uint8, biased E8M0)."""
-    bits, kind = _bits(w, MXFP4_GROUP)
+    bits = _bits(w, MXFP4_GROUP)
     rows, cols = bits.shape
     _check_out(packed_out, (rows, cols // 2), "packed_out")
     _check_out(scale_out, (rows, cols // MXFP4_GROUP), "scale_out")
-    fn = _mxfp4_parallel if parallel else _mxfp4_serial
-    fn(bits, kind, packed_out, scale_out)
+    if parallel:
+        _mxfp4_parallel(bits, packed_out, scale_out, _nchunks())
+    else:
+        _mxfp4_serial(bits, packed_out, scale_out)
 
 
 def quantize_mxfp4(w, *, parallel=False):
-    """Same as :func:`qstream.schemes.reference.quantize_mxfp4`."""
-    rows, cols = np.shape(w)
+    """Same as :func:`qstream.schemes.reference.quantize_mxfp4`:
+    ``(packed uint8 [rows, cols/2], scale uint8 [rows, cols/32] biased E8M0)``."""
+    rows, cols = _bits(w, MXFP4_GROUP).shape
     packed = np.empty((rows, cols // 2), dtype=np.uint8)
     scale = np.empty((rows, cols // MXFP4_GROUP), dtype=np.uint8)
     quantize_mxfp4_into(w, packed, scale, parallel=parallel)
@@ -473,7 +507,7 @@ def e4m3_encode(x) -> np.ndarray:
 def warmup() -> float:
     """Compile (or load from the cache) every specialization; returns seconds."""
     t0 = time.perf_counter()
-    for dt in (BF16, F16, F32):  # uint16 and uint32 specializations
+    for dt in (BF16, F16, F32):  # uint16 / int16 / uint32 bit views
         w = np.zeros((2, 32), dtype=dt)
         for parallel in (False, True):
             quantize_nvfp4(w, np.float32(1.0), parallel=parallel)

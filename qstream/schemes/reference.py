@@ -265,7 +265,8 @@ def nvfp4_global_scale(absmax: float, dtype) -> np.float32:
 def _nvfp4_scale_values(group_amax: np.ndarray, dt: np.dtype, gs: np.float32):
     """float32 E4M3 group scale values (calculate_qparams, steps 1, 2, 3, 5)."""
     s = round_to_dtype(group_amax / np.float32(FP4_MAX), dt)  # amax / (12 / 2)
-    t = np.float32(gs) * s  # float32[1] * dtype[...] -> float32
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = np.float32(gs) * s  # float32[1] * dtype[...] -> float32
     t = np.clip(t, -E4M3_MAX, E4M3_MAX)  # round_to_quantized_type_dtype
     sv = t.astype(E4M3).astype(np.float32)
     sv = np.where(sv == 0, NVFP4_ZERO_SCALE, sv).astype(np.float32)
