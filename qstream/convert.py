@@ -322,10 +322,24 @@ class Executor:
                 current = ShardWriter(dst, shard)
                 futures: list[Future] = []
                 for op in ops:
-                    for item in self._items(op, current):
+                    items = list(self._items(op, current))
+                    remaining = [len(items)]
+                    lock = threading.Lock()
+
+                    def item_done(_f, op=op, remaining=remaining, lock=lock):
+                        slots.release()
+                        with lock:
+                            remaining[0] -= 1
+                            last = remaining[0] == 0
+                        if last and op.view is None:  # its source bytes are done with: drop their pages now
+                            for t in (op.source, op.src_scale):
+                                if t is not None:
+                                    self.reader.drop_range(t.path, t.begin, t.nbytes)
+
+                    for item in items:
                         slots.acquire()
                         f = pool.submit(item)
-                        f.add_done_callback(lambda _f: slots.release())
+                        f.add_done_callback(item_done)
                         futures.append(f)
                         if f.done() and f.exception():
                             break
@@ -333,6 +347,10 @@ class Executor:
                     progress.on_tensor(op, op.bytes_in)
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 self._raise_first(futures)
+                for op in ops:  # the source bytes of this shard are done with: keep the page cache flat
+                    for t in (op.source, op.src_scale):
+                        if t is not None:
+                            self.reader.drop_range(t.path, t.begin, t.nbytes)
                 self._release(to_release)
                 sw, current = current, None
                 finishing.append(finisher.submit(self._finish_shard, sw, shard, journal, progress))

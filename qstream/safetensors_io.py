@@ -252,12 +252,15 @@ class ShardReader:
             fd = self._fds.pop(path, None)
         if fd is None:
             return
-        if hasattr(os, "posix_fadvise"):
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
+        _fadvise_dontneed(fd, 0, 0)
         os.close(fd)
+
+    def drop_range(self, path: Path, begin: int, length: int) -> None:
+        """Done with a byte range of an open file: drop its pages from the page cache."""
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is not None:
+                _fadvise_dontneed(fd, begin, length)
 
     def close(self) -> None:
         with self._lock:
@@ -272,18 +275,24 @@ class ShardReader:
         self.close()
 
 
+def _fadvise_dontneed(fd: int, begin: int, length: int) -> None:
+    """posix_fadvise(DONTNEED), unless QSTREAM_KEEP_PAGE_CACHE=1 (for the page-cache benchmark)."""
+    if not hasattr(os, "posix_fadvise") or os.environ.get("QSTREAM_KEEP_PAGE_CACHE") == "1":
+        return
+    try:
+        os.posix_fadvise(fd, begin, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+
+
 def drop_pages(path: Path) -> None:
     """Drop a file's pages from the page cache (no-op where unsupported)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
+        _fadvise_dontneed(fd, 0, 0)
     finally:
         os.close(fd)
 
