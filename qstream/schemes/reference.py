@@ -74,8 +74,10 @@ MXFP4 (CT compressors/mxfp4/base.py ``MXFP4PackedCompressor``, preset
     dtype parameter, then written as ``127 + int32(floor(log2(scale)))`` cast to
     uint8 (CT compressors/mx_utils.py ``compress_mx_scale``). Consequences:
       - bf16 / fp32: a zero (or subnormal) group gives e = 0, scale 2**-127.
-      - fp16: 2**(e-127) underflows fp16 for e < 103, so a zero or fp16-subnormal
-        group gets scale 1.0, written as e = 127.
+      - fp16: 2**(e-127) underflows fp16 for e < 103, which happens exactly when
+        p2 == 0 (e = 0): a zero group, or one whose amax is an fp16 subnormal below
+        0.75 * 2**-14, gets scale 1.0, written as e = 127. (Any other fp16 group has
+        e >= 111.)
       - overflow: when the amax rounds up to infinity (bf16/fp32 amax >=
         1.75 * 2**127, fp16 amax >= 57344) e = 255, the scale value is inf, every
         q = x / inf is +-0 (all codes 0x0), and ``floor(log2(inf))`` cast to int32 is
@@ -97,9 +99,10 @@ Where /work/shared/docs/formats.md is wrong or incomplete
   * NVFP4 decode: ``w = bf16(fp4 * float32(s / gs))``; ``fp4 * s / gs`` evaluated left
     to right would round differently. Decode output is bfloat16 in CT.
   * MXFP4: the exponent rounding is done on the group amax in the weight dtype
-    (bf16 constants only apply to bf16); a zero block gives e = 0 only for bf16 /
-    fp32 -- for fp16 weights it gives 127 (scale 1.0), as does any fp16 block with
-    amax below 2**-14 after rounding; overflowing blocks give 127 and zero codes.
+    (the bf16 constants only apply to bf16); a zero block gives e = 0 only for bf16
+    / fp32 -- for fp16 weights it gives 127 (scale 1.0), as does any fp16 block with
+    amax < 0.75 * 2**-14; blocks whose amax rounds up to inf give 127 and all-zero
+    codes (formats.md does not mention either).
   * MXFP4: ``q = dtype(x / 2**(e-127))`` is rounded to the weight dtype (not always
     bf16); this only matters for the sign of underflowing quotients.
 """
