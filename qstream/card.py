@@ -29,7 +29,7 @@ def _source_license(card: str | None) -> str | None:
 
 def model_card(plan: Plan) -> str:
     src = plan.source
-    base = src.config.get("_name_or_path") or src.root.name
+    base = getattr(src, "repo_id", None) or src.config.get("_name_or_path") or src.root.name
     schemes = sorted({op.scheme for op in plan.ops if op.kind == "quantize"})
     tags = ["qstream", "compressed-tensors", "vllm", *schemes]
     lic = _source_license(src.source_card)

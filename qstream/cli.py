@@ -49,14 +49,20 @@ def plan_options(f):
                           "[schemes] (role -> scheme) and ignore = [regex, ...].")(f)
     f = click.option("--max-shard-size", default="5GB", show_default=True,
                      help="Largest output shard, e.g. 5GB, 500MB, 4GiB.")(f)
+    f = click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "modelopt"]),
+                     default="compressed-tensors", show_default=True,
+                     help="Output layout. compressed-tensors: vLLM and transformers; modelopt: NVIDIA ModelOpt "
+                          "weight-only NVFP4 (W4A16_NVFP4: weight / weight_scale / weight_scale_2 and "
+                          "hf_quant_config.json) for TensorRT-LLM and vLLM's modelopt_fp4; needs --mlp nvfp4.")(f)
     return f
 
 
 def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, max_shard_size: str,
-               attn: str = "keep",
+               attn: str = "keep", fmt: str = "compressed-tensors",
                revision: str | None = None, download_dir: Path | None = None) -> Plan:
     ckpt = open_checkpoint(src, revision=revision, download_dir=download_dir)
-    opts = Options(mlp=mlp, attn=attn, ignore=tuple(ignore), recipe=recipe, max_shard_size=parse_size(max_shard_size))
+    opts = Options(mlp=mlp, attn=attn, ignore=tuple(ignore), recipe=recipe, max_shard_size=parse_size(max_shard_size),
+                   format=fmt)
     plan = make_plan(ckpt, opts)
     plan.command = "qstream " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     return plan
@@ -136,9 +142,9 @@ REVISION_HELP = "Hub source (SRC = org/name): the branch, tag or commit to conve
 @click.option("--tensors", is_flag=True, help="Also list every tensor with its action, shapes and output shard.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
 @click.option("--revision", default=None, help=REVISION_HELP)
-def inspect(src, mlp, attn, ignore, recipe, max_shard_size, tensors, as_json, revision):
+def inspect(src, mlp, attn, ignore, recipe, max_shard_size, fmt, tensors, as_json, revision):
     """Show the plan for SRC: what happens to every tensor and the output size. Reads no tensor data."""
-    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, revision=revision)
+    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision)
     if as_json:
         click.echo(json.dumps(plan_json(plan), indent=1))
     else:
@@ -171,7 +177,7 @@ def inspect(src, mlp, attn, ignore, recipe, max_shard_size, tensors, as_json, re
 @click.option("--push-revision", metavar="BRANCH", default=None,
               help="With --push-to-hub: the branch to commit to (created from main if missing; default main).")
 @click.option("--commit-message", default=None, help="With --push-to-hub: the commit title.")
-def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, dry_run, overwrite, resume, threads, quiet,
+def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, fmt, dry_run, overwrite, resume, threads, quiet,
             revision, low_disk, push_to_hub, private, push_revision, commit_message):
     """Convert SRC (a checkpoint folder, or a Hub repo id like org/name) into DST (a new folder)."""
     from .convert import Executor
@@ -184,7 +190,7 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, dry_run, overwr
             raise click.UsageError(f"{flag} needs --push-to-hub.")
     console = _console(quiet)
     download_dir = (Path(dst) / STAGING_DIR / DOWNLOADS).absolute() if low_disk else None
-    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, revision=revision, download_dir=download_dir)
+    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, download_dir=download_dir)
     if dry_run:
         print_plan(plan, console)
         console.print("dry run: nothing written")
@@ -205,7 +211,6 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, dry_run, overwr
     meter = DiskMeter([dstp]).start() if low_disk else None
     hooks = HubHooks(plan, dstp, low_disk=low_disk, pusher=pusher, meter=meter)
     progress, done = make_progress(console, quiet)
-    progress.on_tensor = hooks.paced(progress.on_tensor)
     try:
         result = Executor(plan, dstp, threads=threads, resume=resume, hooks=hooks).run(progress)
     except KeyboardInterrupt:
@@ -233,6 +238,35 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, dry_run, overwr
         t.add_row("tensors passed through", str(result.passed))
         t.add_row("output shards", str(len(result.shards)))
         console.print(t)
+
+
+@main.command()
+@click.argument("dst", type=click.Path(exists=True, file_okay=False))
+@click.option("--source", "source", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The checkpoint DST was converted from: decode every quantized tensor and report its relative "
+                   "error, SNR and max abs error against the source, per tensor (worst first) and per role.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (every tensor, worst first).")
+@click.option("--top", type=click.IntRange(min=0), default=None,
+              help="Show the N worst tensors (default: 20 in the table, all in --json).")
+@click.option("--max-rel-error", type=click.FloatRange(min=0), default=None,
+              help="With --source: fail when a tensor's relative error ||w - w_hat|| / ||w|| exceeds this.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: up to 8).")
+def verify(dst, source, as_json, top, max_rel_error, threads):
+    """Check a converted folder DST without loading a model: index, shards and config agree, every quantized
+    module has its tensors with the right dtypes and shapes, no NaN/Inf. Exits 1 when a check fails."""
+    from .verify import print_report, verify as run_verify
+
+    if max_rel_error is not None and source is None:
+        raise click.UsageError("--max-rel-error needs --source.")
+    report = run_verify(dst, source, threads=threads, max_rel_error=max_rel_error)
+    if as_json:
+        click.echo(json.dumps(report.to_json(top), indent=1))
+        for e in report.errors:
+            click.echo(f"error: {e}", err=True)
+    else:
+        print_report(report, _console(False), err, top)
+    if not report.ok:
+        sys.exit(1)
 
 
 def _sigterm(signum, frame):  # pragma: no cover - exercised by the resume tests

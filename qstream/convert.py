@@ -63,7 +63,8 @@ class Progress:
 class Hooks:
     """Where the source and output meet the outside world (the Hub, a low-disk policy).
 
-    ``fetch`` is called before the first read of a source file, ``release`` once
+    ``fetch`` is called before the first read of a source file, ``before_shard``
+    before each output shard is started (on the converting thread), ``release`` once
     every tensor that needs it (fused partners included) has been written,
     ``shard_done`` when an output shard is complete and renamed, and ``finished``
     after the small files (index, config, card, side files) are written.
@@ -72,6 +73,10 @@ class Hooks:
     def fetch(self, path: Path) -> None: ...
 
     def release(self, path: Path) -> None: ...
+
+    def before_shard(self, index: int) -> None:
+        """Called on the converting thread before output shard ``index`` is started;
+        may block (e.g. until earlier shards are uploaded) to bound disk use."""
 
     def shard_done(self, path: Path) -> None: ...
 
@@ -225,6 +230,10 @@ class Executor:
             row = self.reader.read_rows(info, v.expert, v.expert + 1)[0]
             yield lambda: w.pwrite(out.offset, np.ascontiguousarray(row[v.start: v.start + v.step * v.count: v.step]))
             return
+        if op.kind == "repack" and op.layout == "modelopt":  # ModelOpt weight_scale_2 -> CT weight_global_scale
+            from .modelopt import repack_items
+            yield from repack_items(self, op, w)
+            return
         if op.kind == "repack":  # gpt-oss MXFP4 -> compressed-tensors MXFP4: the same bits
             packed_t, scale_t = op.outputs
             cols = op.shape[1]
@@ -266,8 +275,9 @@ class Executor:
         packed_t, scale_t = op.outputs[0], op.outputs[1]
         groups = cols // scheme.group_size
         gs = self.global_scale(op) if scheme.has_global_scale else None
-        if gs is not None:
-            w.pwrite(op.outputs[2].offset, np.asarray([gs], dtype=np.float32))
+        if gs is not None:  # ModelOpt stores the reciprocal, weight_scale_2 = float32(1 / gs) (qstream/modelopt.py)
+            g = np.float32(1) / gs if op.outputs[2].name.endswith(".weight_scale_2") else gs
+            w.pwrite(op.outputs[2].offset, np.asarray([g], dtype=np.float32))
         k = self.k
 
         def block(r0: int, r1: int) -> None:
@@ -308,7 +318,7 @@ class Executor:
         resumed = 0
         current: ShardWriter | None = None
         try:
-            for shard, ops in zip(plan.shards, ops_by_shard):
+            for index, (shard, ops) in enumerate(zip(plan.shards, ops_by_shard)):
                 to_release = [p for op in ops for p in releases.get(id(op), ())]
                 if shard.filename in journal.shards:
                     resumed += 1
@@ -319,6 +329,7 @@ class Executor:
                     self._release(to_release)
                     self.hooks.shard_done(dst / shard.filename)
                     continue
+                self.hooks.before_shard(index)
                 current = ShardWriter(dst, shard)
                 futures: list[Future] = []
                 for op in ops:
@@ -427,6 +438,9 @@ class Executor:
             copy_side_file(plan.source.root, rel, dst)
         write_json(dst / "model.safetensors.index.json", plan.index())
         write_json(dst / "config.json", output_config(plan.source.config, plan.quantization_config))
+        if plan.options.format == "modelopt":  # TensorRT-LLM (and vLLM without config.json's copy) read this
+            from .modelopt import HF_QUANT_CONFIG, hf_quant_config
+            write_json(dst / HF_QUANT_CONFIG, hf_quant_config(plan.quantization_config))
         write_atomic(dst / "README.md", model_card(plan))
 
 

@@ -718,28 +718,15 @@ class HubHooks(Hooks):
         if pusher is not None:
             pusher.on_disk_change = sample
 
-    def paced(self, on_tensor: Callable) -> Callable:
-        """Wrap the executor's per-tensor progress callback (which runs on the converting
-        thread) so that, with --low-disk and --push-to-hub, the last tensor of output shard
-        k waits until shards < k are uploaded and deleted: at most two output shards are
-        on disk (k being written, k-1 uploading)."""
+    def before_shard(self, index: int) -> None:
+        """With --low-disk and --push-to-hub, output shard ``index`` starts only once the
+        shards before ``index - 1`` are uploaded and deleted: at most two output shards are
+        on disk (one being written, one being finished and uploaded)."""
         pusher = self.pusher
-        if pusher is None or not pusher.delete_uploaded:
-            return on_tensor
+        if pusher is None or not pusher.delete_uploaded or index < 2:
+            return
         names = [s.filename for s in self.plan.shards]
-        last_op: dict[int, int] = {}
-        for op in self.plan.ops:
-            last_op[op.outputs[0].shard] = id(op)
-        shard_of_last = {op_id: k for k, op_id in last_op.items()}
-        staging = self.dst / STAGING_DIR
-
-        def wrapped(op, nbytes: int) -> None:
-            on_tensor(op, nbytes)
-            k = shard_of_last.get(id(op))
-            if k:
-                pusher.wait_uploaded(names[:k], staging)
-
-        return wrapped
+        pusher.wait_uploaded(names[: index - 1], self.dst / STAGING_DIR)
 
     def fetch(self, path: Path) -> None:
         if self.fetcher is not None:

@@ -32,9 +32,10 @@ class Options:
     recipe: str | None = None
     max_shard_size: int = 5 * 10**9
     scale_search: str = "none"
+    format: str = "compressed-tensors"  # or "modelopt" (qstream/modelopt.py)
 
     def key(self) -> dict:
-        return {
+        return ({"format": self.format} if self.format != "compressed-tensors" else {}) | {
             "mlp": self.mlp,
             "attn": self.attn,
             "ignore": list(self.ignore),
@@ -125,6 +126,8 @@ class Op:
     @property
     def action(self) -> str:
         """A short label for tables: what happens to this tensor."""
+        if self.layout == "modelopt":
+            return "nvfp4 repack (modelopt)"
         if self.kind == "repack":
             return "mxfp4 repack"
         if self.kind == "slice":
@@ -325,6 +328,10 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
 
     experts = plan_fused_experts(src, family, classifier, opts, recipe, ignore_res, warnings)
     consumed |= experts.consumed
+    from . import modelopt  # a ModelOpt NVFP4 source: its packed modules are repacked, not requantized
+    mo = modelopt.plan_source(src, opts, classifier, ignore_res, warnings)
+    experts.ops.update(mo.ops)
+    consumed |= mo.consumed
 
     ops: list[Op] = []
     for info in src.tensors.values():
@@ -345,8 +352,12 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
             op.scale_group = key
             scale_groups.setdefault(key, []).append(op.module)
 
+    if opts.format not in modelopt.FORMATS:
+        raise QStreamError(f"unknown output format {opts.format!r}; choose one of {', '.join(modelopt.FORMATS)}.")
+    if opts.format == "modelopt":
+        modelopt.apply_format(ops)  # ModelOpt names: weight / weight_scale / weight_scale_2
     shards = _assign_shards(ops, opts.max_shard_size)
-    qconfig = _quantization_config(ops, src.config)
+    qconfig = modelopt.quantization_config(ops) if opts.format == "modelopt" else _quantization_config(ops, src.config)
     return Plan(src, opts, family.name, ops, shards, scale_groups, qconfig, warnings)
 
 

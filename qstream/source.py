@@ -18,7 +18,7 @@ INDEX_NAME = "model.safetensors.index.json"
 # Files that hold weights in some other format: never copied as side files.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
 # Files qstream writes itself.
-GENERATED = ("config.json", INDEX_NAME, "README.md", "qstream.json")
+GENERATED = ("config.json", INDEX_NAME, "README.md", "qstream.json", "hf_quant_config.json")
 
 
 @dataclass

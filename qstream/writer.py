@@ -163,7 +163,7 @@ def prepare_dst(src_root: Path, dst: Path, overwrite: bool, resume: bool) -> Non
             for p in dst.iterdir():
                 if p.name == STAGING_DIR:
                     shutil.rmtree(p)
-                elif p.is_file() and (p.name.endswith(".safetensors") or p.name in ("model.safetensors.index.json", "config.json", "README.md")):
+                elif p.is_file() and (p.name.endswith(".safetensors") or p.name in ("model.safetensors.index.json", "config.json", "README.md", "hf_quant_config.json")):
                     p.unlink()
         (dst / STAGING_DIR).mkdir(exist_ok=True)
         probe = dst / STAGING_DIR / "write-test"
