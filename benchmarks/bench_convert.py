@@ -72,11 +72,11 @@ def main() -> None:
 
     sources = []
     for gb in args.sizes:
-        src = args.work / f"synth-{gb:g}g"
+        src = (args.work / f"synth-{gb:g}g").resolve()
         if not (src / "config.json").exists():
             subprocess.run([sys.executable, str(HERE / "make_synthetic.py"), str(src), "--size-gb", str(gb)], check=True)
         sources.append((f"synthetic {gb:g} GB", src))
-    sources += [(p.name, p) for p in args.extra_src]
+    sources += [(p.name, p.resolve()) for p in args.extra_src]
 
     rows = []
     for label, src in sources:

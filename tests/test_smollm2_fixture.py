@@ -101,15 +101,16 @@ def test_loads_back_and_perplexity_is_sane(model_and_tokenizer):
     assert model.dtype == torch.bfloat16
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
-    tokens = eval_tokens(tokenizer)
-    assert tokens.numel() == 8192
+    assert eval_tokens(tokenizer).numel() == 8192  # the text holds the full 8192-token evaluation
+    tokens = eval_tokens(tokenizer, n_tokens=2048)  # the quality benchmark uses all 8192
     assert tokenizer.decode(tokens[:8]).startswith("Chapter 1")
 
     t0 = time.perf_counter()
     ppl = perplexity(model, tokens, window=1024)
     dt = time.perf_counter() - t0
-    print(f"\n[smollm2] BF16 perplexity over 8192 tokens (8 x 1024 windows): {ppl:.3f} ({dt:.1f}s)")
-    # Measured 22.21 (transformers 5.23, torch 2.13 CPU); reference elsewhere 22.23.
+    print(f"\n[smollm2] BF16 perplexity over 2048 tokens (2 x 1024 windows): {ppl:.3f} ({dt:.1f}s)")
+    # Measured 18.72 on 2048 tokens and 22.21 on 8192 (transformers 5.23, torch 2.13 CPU);
+    # llm-compressor's reference setup measured 22.23 on the same 8192 tokens.
     assert 15.0 < ppl < 40.0
 
     text = greedy_generate(model, tokenizer, "The capital of France is", n=20)
