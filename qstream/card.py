@@ -27,11 +27,17 @@ def _source_license(card: str | None) -> str | None:
     return m.group(1) if m else None
 
 
+MODELOPT_NOTE = ("This is a ModelOpt weight-only NVFP4 checkpoint (`quant_algo: W4A16_NVFP4` in hf_quant_config.json "
+                 "and config.json): vLLM loads it as `modelopt_fp4`, TensorRT-LLM through hf_quant_config.json. "
+                 "The packed weights and block scales are the same bytes as the compressed-tensors output of the same "
+                 "conversion; `weight_scale_2` is the float32 reciprocal of its global scale.")
+
+
 def model_card(plan: Plan) -> str:
     src = plan.source
     base = getattr(src, "repo_id", None) or src.config.get("_name_or_path") or src.root.name
-    schemes = sorted({op.scheme for op in plan.ops if op.kind == "quantize"})
-    tags = ["qstream", "compressed-tensors", "vllm", *schemes]
+    schemes = sorted({op.scheme for op in plan.ops if op.kind == "quantize" or op.layout == "modelopt"})
+    tags = ["qstream", "modelopt" if plan.options.format == "modelopt" else "compressed-tensors", "vllm", *schemes]
     lic = _source_license(src.source_card)
     yaml = ["---", f"base_model: {base}", "base_model_relation: quantized", "library_name: transformers"]
     if lic:
@@ -41,7 +47,7 @@ def model_card(plan: Plan) -> str:
     yaml.append("---")
     rows = ["| role | tensors | quantized | scheme | size in | size out |", "|---|---:|---:|---|---:|---:|"]
     for role, s in plan.by_role().items():
-        sch = sorted({op.scheme for op in plan.ops if op.role == role and op.kind == "quantize"})
+        sch = sorted({op.scheme for op in plan.ops if op.role == role and (op.kind == "quantize" or op.layout == "modelopt")})
         rows.append(
             f"| {role} | {s.tensors} | {s.quantized} | {', '.join(sch) or 'unchanged'} | {human(s.bytes_in)} | {human(s.bytes_out)} |"
         )
@@ -82,7 +88,8 @@ def model_card(plan: Plan) -> str:
             "```",
             "",
             "The `quantization_config` in config.json is in the compressed-tensors format, "
-            "which vLLM and transformers (with `compressed-tensors` installed) read directly.",
+            "which vLLM and transformers (with `compressed-tensors` installed) read directly."
+            if plan.options.format != "modelopt" else MODELOPT_NOTE,
             "",
         ]
     )

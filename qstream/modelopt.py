@@ -25,7 +25,7 @@ vLLM computes from a compressed-tensors checkpoint before it calls the same Marl
 kernel (compressed_tensors_w4a16_nvfp4.py ``1.0 / layer.weight_global_scale``; the
 ModelOpt W4A16 method passes ``weight_scale_2`` through "without reciprocation"), so
 the two outputs of one conversion give that kernel bit-identical operands. Decoded
-in float32 with each library's own formula the values can differ in the last bit
+in float32 with each library's own formula the values can differ in the last bits
 (``fp4 * float32(s / g)`` vs ``fp4 * float32(s * float32(1 / g))``), but for a
 BF16 or FP16 source (whose global scale has at most 11 significant bits) the
 bfloat16 weights both libraries return are provably identical: ``fp4 * s / g`` is
@@ -256,6 +256,8 @@ def source_config(src) -> dict | None:
     if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower().startswith("modelopt"):
         return {"quant_algo": str(qc.get("quant_algo") or "").upper(), "kv_cache": qc.get("kv_cache_scheme"),
                 "where": "config.json"}
+    if isinstance(qc, dict) and qc.get("quant_method"):
+        return None  # config.json names another method: a leftover hf_quant_config.json does not count
     path = src.root / HF_QUANT_CONFIG
     if path.is_file():
         try:
