@@ -64,8 +64,32 @@ def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, 
     opts = Options(mlp=mlp, attn=attn, ignore=tuple(ignore), recipe=recipe, max_shard_size=parse_size(max_shard_size),
                    format=fmt)
     plan = make_plan(ckpt, opts)
-    plan.command = "qstream " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    plan.command = card_command(sys.argv[1:])
     return plan
+
+
+# Options that do not change the output: left out of the command recorded in the model
+# card, so that a resumed run, another --threads or a push writes the same card.
+_RUN_ONLY_FLAGS = {"--resume", "--overwrite", "-q", "--quiet", "--dry-run", "--low-disk", "--private"}
+_RUN_ONLY_VALUES = {"--threads", "--push-to-hub", "--push-revision", "--commit-message"}
+
+
+def card_command(argv: list[str]) -> str:
+    """The command line for the model card, without the run-only options."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in _RUN_ONLY_FLAGS:
+            continue
+        if name in _RUN_ONLY_VALUES:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return "qstream " + " ".join(shlex.quote(a) for a in out) if out else ""
 
 
 def print_plan(plan: Plan, console: Console, tensors: bool = False) -> None:

@@ -364,8 +364,11 @@ class Executor:
                             self.reader.drop_range(t.path, t.begin, t.nbytes)
                 self._release(to_release)
                 sw, current = current, None
+                # at most two shards wait for fsync + hash: an interrupt then loses little work
+                pending = [f for f in finishing if not f.done()]
+                if len(pending) >= 2:
+                    wait(pending[:-1])
                 finishing.append(finisher.submit(self._finish_shard, sw, shard, journal, progress))
-                finishing[-1].add_done_callback(lambda f: f.exception())  # surfaced below
                 self._raise_first(finishing)
             for f in finishing:
                 written.append(f.result())
@@ -437,11 +440,12 @@ class Executor:
         for rel in plan.source.side_files:
             copy_side_file(plan.source.root, rel, dst)
         write_json(dst / "model.safetensors.index.json", plan.index())
-        write_json(dst / "config.json", output_config(plan.source.config, plan.quantization_config))
         if plan.options.format == "modelopt":  # TensorRT-LLM (and vLLM without config.json's copy) read this
             from .modelopt import HF_QUANT_CONFIG, hf_quant_config
             write_json(dst / HF_QUANT_CONFIG, hf_quant_config(plan.quantization_config))
         write_atomic(dst / "README.md", model_card(plan))
+        # config.json last: a folder that holds it is a finished conversion
+        write_json(dst / "config.json", output_config(plan.source.config, plan.quantization_config))
 
 
 def convert(plan: Plan, dst: Path, progress: Progress | None = None, **kw) -> Result:

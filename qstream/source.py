@@ -112,6 +112,10 @@ def open_checkpoint(root: str | Path, revision: str | None = None, download_dir:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise QStreamError(f"{index_path}: has no weight_map; fix or re-download it.")
+        for k, v in weight_map.items():
+            if not isinstance(v, str) or not v or Path(v).name != v:
+                raise QStreamError(f"{index_path}: weight_map maps {k!r} to {v!r}, which is not a shard file name "
+                                   "in this folder; fix or re-download the index.")
         files: list[str] = []
         for fname in weight_map.values():
             if fname not in files:

@@ -98,6 +98,7 @@ class ShardWriter:
             os.close(self.fd)
             self.fd = -1
             os.replace(self.tmp, self.final)
+            fsync_dir(self.final.parent)
         except OSError as e:
             raise _os_error(self.final, e) from e
         return self.final
@@ -106,6 +107,20 @@ class ShardWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a power cut cannot bring the old name back)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -119,6 +134,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as e:
         raise _os_error(path, e) from e
 
@@ -134,6 +150,7 @@ def copy_side_file(src_root: Path, rel: Path, dst_root: Path) -> None:
     try:
         shutil.copyfile(src_root / rel, tmp)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
     except OSError as e:
         raise _os_error(target, e) from e
 
