@@ -84,7 +84,7 @@ def model_card(plan: Plan) -> str:
             "## Serve with vLLM",
             "",
             "```",
-            "vllm serve <this-repo-or-folder>",
+            f"vllm serve {plan.serve_name or '<this-repo-or-folder>'}",
             "```",
             "",
             "The `quantization_config` in config.json is in the compressed-tensors format, "

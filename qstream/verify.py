@@ -19,6 +19,17 @@ blocks:
   NVFP4 global scales finite and positive (fused partners sharing one is checked
   and a difference reported as a warning).
 
+A ModelOpt output (``--format modelopt``: config.json ``quant_method: modelopt``) is
+checked against its own rules instead: config.json's ``quantization_config`` and
+``hf_quant_config.json`` agree (quant_algo, group_size 16, the exclude list); every
+module is resolved against ``exclude_modules`` the way vLLM (exact, substring,
+fnmatch, ``x*`` also as ``x`` / ``x.*``) and TensorRT-LLM (fnmatch) match it, under
+its own name and its runtime layer names (modelopt.check_excludes); a quantized
+Linear, excluded by neither, holds exactly ``weight`` U8 [o, i/2], ``weight_scale``
+F8_E4M3 [o, i/16] and ``weight_scale_2`` F32 0-d or [1] (finite, positive) and no
+compressed-tensors names; an unquantized Linear must be excluded by both. With a
+source it is decoded with ModelOpt's formula, ``fp4 * float32(s * weight_scale_2)``.
+
 With a source, every quantized module is matched to its source weight by name:
 the plan qstream would make for that source (so FP8 sources are decoded with
 their scales, and fused 3-D experts are cut into the same per-expert views), and
@@ -29,6 +40,7 @@ scheme. Memory stays bounded by ``threads x block`` whatever the model size.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -43,6 +55,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import QStreamError
+from .modelopt import GROUP_SIZE as MO_GROUP_SIZE, HF_QUANT_CONFIG, READ_ALGOS as MO_ALGOS
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, read_header
 from .source import INDEX_NAME
 
@@ -51,7 +64,11 @@ DECODE_BLOCK = 8 << 20  # float32 bytes per row block while measuring errors
 FLOAT_SCALE_DTYPES = ("F32", "BF16", "F16")
 # tensor name suffixes that belong to a quantized module (besides `weight`)
 QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale", "weight_zero_point", "weight_shape",
-                  "weight_g_idx", "input_scale", "input_global_scale", "input_zero_point", "output_scale")
+                  "weight_g_idx", "input_scale", "input_global_scale", "input_zero_point", "output_scale",
+                  "weight_scale_2")
+# compressed-tensors tensor names that a ModelOpt checkpoint never holds
+CT_ONLY_SUFFIXES = ("weight_packed", "weight_global_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
+                    "input_global_scale", "input_zero_point")
 FORMAT_KIND = {"nvfp4-pack-quantized": "nvfp4", "mxfp4-pack-quantized": "mxfp4",
                "float-quantized": "fp8", "naive-quantized": "fp8"}
 MAX_PRINTED_ERRORS = 50
@@ -214,6 +231,14 @@ class Group:
     kind: str | None  # nvfp4 | mxfp4 | fp8 | None (a format verify does not check)
     weights: dict
     input_activations: dict | None
+    layout: str = "compressed-tensors"  # or "modelopt" (X.weight U8, X.weight_scale, X.weight_scale_2)
+
+    @property
+    def desc(self) -> str:
+        """What a module resolving to this group is, for error lines."""
+        if self.layout == "modelopt":
+            return f"ModelOpt {self.format}: no exclude_modules entry matches it"
+        return f"{self.name}, {self.format}"
 
 
 @dataclass
@@ -421,12 +446,19 @@ class Verifier:
                 self.modules.setdefault(mod, Module(mod)).parts[suffix] = info
         for mod in list(self.modules):
             m = self.modules[mod]
-            if not ({"weight", "weight_packed", "weight_scale", "weight_global_scale"} & set(m.parts)):
+            if not ({"weight", "weight_packed", "weight_scale", "weight_global_scale", "weight_scale_2"} & set(m.parts)):
                 del self.modules[mod]  # only activation scales: not a weight-bearing module
                 continue
             m.role = classifier.role(mod + ".weight")
 
         qc = self.config.get("quantization_config")
+        if (isinstance(qc, dict) and str(qc.get("quant_method", "")).lower().startswith("modelopt")) or \
+                (qc is None and (self.dst / HF_QUANT_CONFIG).exists()):
+            self._resolve_modelopt(qc)
+            return
+        if (self.dst / HF_QUANT_CONFIG).exists():
+            self.warn(f"{HF_QUANT_CONFIG}: left beside a compressed-tensors config.json; TensorRT-LLM would read "
+                      "it as a ModelOpt checkpoint (delete it)")
         if qc is None:
             resolver = None
         elif not isinstance(qc, dict):
@@ -462,7 +494,7 @@ class Verifier:
         w = m.parts.get("weight")
         if m.ndim == 2 and m.role not in ("embedding", "norm"):
             self.report.ignored_modules += 1
-        for s in ("weight_packed", "weight_scale", "weight_global_scale"):
+        for s in ("weight_packed", "weight_scale", "weight_global_scale", "weight_scale_2"):
             t = m.parts.get(s)
             if t is not None:
                 self.error(t.path.name, f"{t.name} exists but {m.name} resolves to no quantization_config group "
@@ -477,7 +509,7 @@ class Verifier:
         name = f"{m.name}.{suffix}"
         t = m.parts.get(suffix)
         if t is None:
-            self.error(m.file, f"{name} is missing ({m.name} resolves to {m.group.name}, {m.group.format})")
+            self.error(m.file, f"{name} is missing ({m.name} resolves to {m.group.desc})")
             return None
         if t.dtype not in dtypes:
             self.error(t.path.name, f"{name} has dtype {t.dtype}, expected {' or '.join(dtypes)}")
@@ -549,7 +581,163 @@ class Verifier:
         for suffix, t in m.parts.items():
             if suffix not in expected:
                 what = "an unquantized weight left beside the quantized one" if suffix == "weight" else "unexpected"
-                self.error(t.path.name, f"{t.name} is {what} ({m.name} resolves to {g.name}, {g.format})")
+                self.error(t.path.name, f"{t.name} is {what} ({m.name} resolves to {g.desc})")
+                ok = False
+        m.ok = ok
+
+    # ---------------------------------------------------------------- ModelOpt NVFP4
+    def _modelopt_config(self, qc: dict | None) -> tuple[str, list[str]] | None:
+        """(quant_algo, exclude_modules) of a ModelOpt checkpoint, after checking that config.json's
+        quantization_config and hf_quant_config.json agree; None when there is nothing to resolve
+        modules against (already reported)."""
+        hf: dict | None = None
+        path = self.dst / HF_QUANT_CONFIG
+        if not path.exists():
+            self.error(HF_QUANT_CONFIG, "missing, but config.json says ModelOpt; TensorRT-LLM reads quant_algo and "
+                                        "exclude_modules from it")
+        else:
+            try:
+                obj = json.loads(path.read_text(encoding="utf-8"))
+                hf = obj.get("quantization") if isinstance(obj, dict) else None
+                if not isinstance(hf, dict):
+                    raise ValueError("no 'quantization' object")
+            except (OSError, ValueError, UnicodeDecodeError) as e:
+                self.error(HF_QUANT_CONFIG, f"cannot be read ({e})")
+                hf = None
+        if qc is None and self.config_ok:
+            self.error("config.json", f"has no quantization_config, but {HF_QUANT_CONFIG} describes a ModelOpt "
+                                      "checkpoint; transformers and vLLM read config.json's (qstream writes both)")
+
+        def excludes(where: str, key: str, value) -> list[str] | None:
+            if value is None:
+                return []
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                self.error(where, f"{key} is not a list of module names / wildcards")
+                return None
+            return value
+
+        def group_sizes(where: str, values) -> None:
+            for key, v in values:
+                if v is not None and v != MO_GROUP_SIZE:
+                    self.error(where, f"{key} is {v!r}; NVFP4 blocks are {MO_GROUP_SIZE} weights")
+
+        algo_cfg = algo_hf = excl_cfg = excl_hf = None
+        if isinstance(qc, dict):
+            algo_cfg = str(qc.get("quant_algo") or "").upper()
+            excl_cfg = excludes("config.json", "quantization_config.ignore", qc.get("ignore"))
+            groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
+            group_sizes("config.json", [("quantization_config.group_size", qc.get("group_size"))] + [
+                (f"quantization_config.config_groups.{k}.weights.group_size", (g.get("weights") or {}).get("group_size"))
+                for k, g in groups.items() if isinstance(g, dict) and isinstance(g.get("weights"), dict)])
+        if hf is not None:
+            algo_hf = str(hf.get("quant_algo") or "").upper()
+            excl_hf = excludes(HF_QUANT_CONFIG, "quantization.exclude_modules", hf.get("exclude_modules"))
+            group_sizes(HF_QUANT_CONFIG, [("quantization.group_size", hf.get("group_size"))])
+        if algo_cfg is not None and algo_hf is not None and algo_cfg != algo_hf:
+            self.error(HF_QUANT_CONFIG, f"quantization.quant_algo is {algo_hf or None!r} but config.json's "
+                                        f"quantization_config.quant_algo is {algo_cfg or None!r}; runtimes read one "
+                                        "or the other")
+        if excl_cfg is not None and excl_hf is not None and set(excl_cfg) != set(excl_hf):
+            only_hf = sorted(set(excl_hf) - set(excl_cfg))
+            only_cfg = sorted(set(excl_cfg) - set(excl_hf))
+            self.error(HF_QUANT_CONFIG, f"quantization.exclude_modules differs from config.json's "
+                                        f"quantization_config.ignore (only here: {only_hf}; only in config.json: "
+                                        f"{only_cfg}); TensorRT-LLM reads this one, vLLM config.json's")
+        algo = algo_cfg if algo_cfg is not None else algo_hf
+        excl = excl_cfg if qc is not None else excl_hf  # what vLLM / transformers resolve against
+        if algo is None or excl is None:
+            return None
+        if algo not in MO_ALGOS:
+            where = "config.json" if algo_cfg is not None else HF_QUANT_CONFIG
+            self.error(where, f"ModelOpt quant_algo {algo or None!r}; verify checks ModelOpt NVFP4 "
+                              f"({', '.join(MO_ALGOS)})")
+            return None
+        return algo, excl
+
+    def _resolve_modelopt(self, qc: dict | None) -> None:
+        """Modules against ModelOpt's ``exclude_modules``, matched the way the runtimes do it
+        (modelopt.check_excludes): each module under its own name and the names vLLM /
+        TensorRT-LLM give its layer (``qkv_proj``, ``gate_up_proj``, the ``experts`` of a MoE).
+        TensorRT-LLM: ``fnmatchcase``. vLLM: exact, substring and ``fnmatch`` over the entries,
+        ``x*`` also read as ``x`` and ``x.*`` (its ``apply_vllm_mapper``). A quantized module must
+        be excluded by neither; an unquantized Linear must be excluded by both."""
+        from .modelopt import _runtime_names
+
+        cfg = self._modelopt_config(qc)
+        if not self.config_ok or cfg is None:
+            return
+        algo, excl = cfg
+        group = Group("modelopt", algo, "nvfp4", {"group_size": MO_GROUP_SIZE}, None, layout="modelopt")
+        for m in self.modules.values():
+            w = m.parts.get("weight")
+            quant = [m.parts[s] for s in ("weight_scale_2", "weight_scale") + CT_ONLY_SUFFIXES if s in m.parts]
+            if w is not None and w.dtype == "U8":
+                quant.append(w)
+            linear = m.ndim == 2 and m.role not in ("embedding", "norm")
+            names = _runtime_names(m.name) if linear else [m.name]
+            vllm = [(e, n) for n in names for e in excl if _vllm_excludes(e, n)]
+            trt = [(e, n) for n in names for e in excl if fnmatch.fnmatchcase(n, e)]
+            if quant:
+                t = quant[0]
+                if not linear:
+                    self.error(t.path.name, f"{t.name} exists but {m.name} is not a Linear ({m.role}); ModelOpt "
+                                            "loaders never quantize it")
+                elif vllm or trt:
+                    e, n = (vllm or trt)[0]
+                    who = "vLLM and TensorRT-LLM" if vllm and trt else ("vLLM" if vllm else "TensorRT-LLM")
+                    layer = "" if n == m.name else f" (as layer {n})"
+                    self.error(t.path.name, f"{t.name} exists but exclude_modules entry {e!r} excludes "
+                                            f"{m.name}{layer} in {who}, which would load it unquantized")
+                else:
+                    m.group = group
+                    self.report.modules[algo] = self.report.modules.get(algo, 0) + 1
+                    self._check_modelopt_quantized(m)
+                continue
+            if linear and w is not None and not trt:
+                who = "vLLM or TensorRT-LLM" if not vllm else "TensorRT-LLM (fnmatch)"
+                self.error(w.path.name, f"{w.name} is {w.dtype}, unquantized, but no exclude_modules entry excludes "
+                                        f"{m.name} in {who}, which would load it as {algo} (expecting U8 "
+                                        f"{m.name}.weight, weight_scale and weight_scale_2)")
+                continue
+            self._check_unquantized(m)
+
+    def _check_modelopt_quantized(self, m: Module) -> None:
+        g = m.group
+        ct = [m.parts[s] for s in CT_ONLY_SUFFIXES if s in m.parts]
+        if ct and "weight" not in m.parts:
+            self.error(ct[0].path.name, f"{m.name} holds compressed-tensors tensors ({', '.join(t.name for t in ct)}) "
+                                        f"in a ModelOpt {g.format} checkpoint, which stores {m.name}.weight (U8), "
+                                        f"weight_scale and weight_scale_2")
+            return
+        weight = self._expect(m, "weight", ("U8",), None)
+        if weight is not None and len(weight.shape) != 2:
+            self.error(weight.path.name, f"{weight.name} has shape {list(weight.shape)}, expected 2-D [out, in/2]")
+            weight = None
+        rows = cols = None
+        if weight is not None:
+            rows, cols = weight.shape[0], weight.shape[1] * 2
+            if cols % MO_GROUP_SIZE:
+                self.error(weight.path.name, f"{weight.name} has {cols} input columns, not a multiple of "
+                                             f"{MO_GROUP_SIZE}")
+                weight = None
+        scale = self._expect(m, "weight_scale", ("F8_E4M3",), (rows, cols // MO_GROUP_SIZE) if weight else None)
+        ok = weight is not None and scale is not None
+        expected = {"weight", "weight_scale", "weight_scale_2"} | ({"input_scale"} if g.format == "NVFP4" else set())
+        for suffix in sorted(expected - {"weight", "weight_scale"}):
+            t = self._expect(m, suffix, ("F32",), None)
+            if t is not None and tuple(t.shape) not in ((), (1,)):
+                self.error(t.path.name, f"{t.name} has shape {list(t.shape)}, expected a scalar ([] or [1])")
+                t = None
+            ok &= t is not None
+        for suffix, t in m.parts.items():
+            if suffix not in expected:
+                if suffix in CT_ONLY_SUFFIXES:
+                    what = f"a compressed-tensors tensor in a ModelOpt {g.format} checkpoint"
+                elif suffix == "input_scale":
+                    what = f"unexpected: {g.format} is weight-only"
+                else:
+                    what = "unexpected"
+                self.error(t.path.name, f"{t.name} is {what} ({m.name} resolves to {g.desc})")
                 ok = False
         m.ok = ok
 
@@ -587,19 +775,26 @@ class Verifier:
             self.error(info.path.name, f"{info.name} {what}")
         # NVFP4 global scales: a divisor, so finite and > 0; fused partners should share one
         sets: dict[str, list[tuple[str, float]]] = {}
+        what = "global scales"
         for m in self.modules.values():
-            t = m.parts.get("weight_global_scale")
-            if m.group is None or m.group.kind != "nvfp4" or t is None or t.dtype != "F32" or t.numel != 1:
+            if m.group is None or m.group.kind != "nvfp4":
+                continue
+            modelopt = m.group.layout == "modelopt"
+            t = m.parts.get("weight_scale_2" if modelopt else "weight_global_scale")
+            if t is None or t.dtype != "F32" or t.numel != 1:
                 continue
             v = float(self.reader.read(t).reshape(-1)[0])
             if math.isfinite(v) and v <= 0:
-                self.error(t.path.name, f"{t.name} is {v}; a global scale must be positive")
+                self.error(t.path.name, f"{t.name} is {v}; " + ("weight_scale_2 (a multiplier) must be positive"
+                                                                if modelopt else "a global scale must be positive"))
+            if modelopt:
+                what = "weight_scale_2 values"
             key = self.classifier.fused_key(m.name + ".weight")
             if key is not None:
                 sets.setdefault(key, []).append((m.name, v))
         for members in sets.values():
             if len({v for _, v in members}) > 1:
-                self.warn(f"NVFP4 fused partners {', '.join(n for n, _ in members)} have different global scales "
+                self.warn(f"NVFP4 fused partners {', '.join(n for n, _ in members)} have different {what} "
                           f"({', '.join(f'{v:g}' for _, v in members)}); vLLM takes one for the fused GEMM")
 
     # ---------------------------------------------------------------- against the source
@@ -670,8 +865,9 @@ class Verifier:
         self.report.metrics = sorted(results, key=_sort_key)
 
     def _dst_shape(self, m: Module) -> tuple[int, int]:
-        if "weight_packed" in m.parts:
-            o, c = m.parts["weight_packed"].shape
+        packed = "weight" if m.group is not None and m.group.layout == "modelopt" else "weight_packed"
+        if packed in m.parts:
+            o, c = m.parts[packed].shape
             return (o, 2 * c)
         return tuple(m.parts["weight"].shape)  # type: ignore[return-value]
 
@@ -688,8 +884,10 @@ class Verifier:
             desc += f" x {op.src_scale.name} ({op.layout})"
         met = TensorMetrics(m.name, op.role, g.kind, (rows, cols), desc)
         gs = scale = None
+        modelopt = g.layout == "modelopt"
         if g.kind == "nvfp4":
-            gs = np.float32(self.reader.read(m.parts["weight_global_scale"]).reshape(-1)[0])
+            gs = np.float32(self.reader.read(m.parts["weight_scale_2" if modelopt else "weight_global_scale"])
+                            .reshape(-1)[0])
         elif g.kind == "fp8":
             scale = self.reader.read(m.parts["weight_scale"]).astype(np.float32)
         if op.view is not None and op.view.transpose:
@@ -702,7 +900,10 @@ class Verifier:
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             w = np.asarray(ex.read_float(op, r0, r1), dtype=np.float32)
-            if g.kind == "nvfp4":
+            if modelopt:
+                w_hat = decode_modelopt_nvfp4(self.reader.read_rows(m.parts["weight"], r0, r1),
+                                              self.reader.read_rows(m.parts["weight_scale"], r0, r1), gs)
+            elif g.kind == "nvfp4":
                 w_hat = decode_nvfp4(self.reader.read_rows(m.parts["weight_packed"], r0, r1),
                                      self.reader.read_rows(m.parts["weight_scale"], r0, r1), gs)
             elif g.kind == "mxfp4":
@@ -746,6 +947,26 @@ def decode_nvfp4(packed: np.ndarray, scale_bits: np.ndarray, global_scale) -> np
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         x *= (_E4M3_VALUES[scale_bits.view(np.uint8)] / np.float32(global_scale)).astype(np.float32)[..., None]
     return x.reshape(rows, half * 2).astype(_BF16).astype(np.float32)
+
+
+def decode_modelopt_nvfp4(weight: np.ndarray, scale_bits: np.ndarray, weight_scale_2) -> np.ndarray:
+    """ModelOpt's decode (NVFP4QTensor.dequantize): ``fp4 * float32(float32(s) * weight_scale_2)``
+    in float32, then bfloat16 (as float32 values); the low nibble is the even column."""
+    rows, half = weight.shape
+    x = _FP4_PAIRS[weight].view(np.float32).reshape(rows, half * 2 // 16, 16)
+    with np.errstate(invalid="ignore", over="ignore"):
+        x *= (_E4M3_VALUES[scale_bits.view(np.uint8)] * np.float32(weight_scale_2)).astype(np.float32)[..., None]
+    return x.reshape(rows, half * 2).astype(_BF16).astype(np.float32)
+
+
+def _vllm_excludes(entry: str, layer: str) -> bool:
+    """vLLM ModelOptQuantConfigBase.is_layer_excluded for one entry: exact, substring, fnmatch;
+    with apply_vllm_mapper an entry ``x*`` (not ``x.*``) also reads as ``x`` and ``x.*``."""
+    if entry == layer or entry in layer or fnmatch.fnmatchcase(layer, entry):
+        return True
+    if len(entry) >= 2 and entry.endswith("*") and entry[-2] != ".":
+        return entry[:-1] in layer or fnmatch.fnmatchcase(layer, entry[:-1] + ".*")
+    return False
 
 
 def decode_mxfp4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -14,14 +14,15 @@ import pytest
 import torch
 
 from conftest import run_qstream
-from synth import qwen3_moe_config, qwen3_moe_tensors, write_checkpoint, write_mistral3_fp8
+from synth import (mixtral_config, mixtral_tensors, qwen3_moe_config, qwen3_moe_tensors, write_checkpoint,
+                   write_mistral3_fp8)
 from test_convert import load_dir
 from qstream.convert import convert
 from qstream.plan import Options, make_plan
 from qstream.safetensors_io import build_header, read_header
 from qstream.schemes import reference
 from qstream.source import INDEX_NAME, open_checkpoint
-from qstream.verify import decode_mxfp4, decode_nvfp4, verify
+from qstream.verify import decode_modelopt_nvfp4, decode_mxfp4, decode_nvfp4, verify
 
 FORMAT = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 MLP = [f"model.layers.{L}.mlp.{p}" for L in range(3) for p in ("gate_proj", "up_proj", "down_proj")]
@@ -330,3 +331,215 @@ def test_fused_experts_source(tmp_path):
     out = load_dir(dst)
     assert got[mod].rel_error == pytest.approx(rel_error(w, decoded(out, mod, "mxfp4")), rel=1e-6)
     assert got[mod].source == "model.layers.1.mlp.experts.gate_up_proj[expert 1, rows 64::1 x64]"
+
+
+# --------------------------------------------------------------------------- ModelOpt output
+
+
+@pytest.fixture(scope="module")
+def modelopt_outputs(tiny_ckpt, tmp_path_factory):
+    """Per model: (source, compressed-tensors output, --format modelopt output in several shards)."""
+    root = tmp_path_factory.mktemp("verify-modelopt")
+    cfg = mixtral_config()
+    mixtral = write_checkpoint(root / "mixtral", cfg, mixtral_tensors(cfg), n_shards=2)
+    out = {}
+    for name, src in (("llama", tiny_ckpt), ("mixtral", mixtral)):
+        ct = _convert(src, root / f"{name}-ct", "nvfp4")
+        mo = _convert(src, root / f"{name}-mo", "nvfp4", format="modelopt", max_shard_size=60_000)
+        out[name] = (src, ct, mo)
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_modelopt_output_passes_with_the_errors_of_compressed_tensors(modelopt_outputs, name):
+    src, ct, mo = modelopt_outputs[name]
+    assert len(list(mo.glob("*.safetensors"))) > 1
+    n = 9 if name == "llama" else 24
+    structural = verify(mo)
+    assert structural.ok and structural.errors == [] and structural.warnings == []
+    assert structural.modules == {"W4A16_NVFP4": n} and structural.metrics is None
+    report = verify(mo, src)
+    assert report.ok and report.warnings == [], report.errors
+    ref = verify(ct, src)
+    assert ref.ok and ref.modules == {"nvfp4-pack-quantized": n}
+    assert report.ignored_modules == ref.ignored_modules == (13 if name == "llama" else 11)
+    got, want = {m.module: m for m in report.metrics}, {m.module: m for m in ref.metrics}
+    assert set(got) == set(want) and len(got) == n
+    for module, m in got.items():
+        r = want[module]
+        assert (m.scheme, m.role, m.shape, m.source) == (r.scheme, r.role, r.shape, r.source)
+        assert m.rel_error == pytest.approx(r.rel_error, rel=1e-6), module
+        assert m.snr_db == pytest.approx(r.snr_db, rel=1e-6) and m.max_abs == pytest.approx(r.max_abs, rel=1e-6)
+    j, jr = report.to_json()["metrics"], ref.to_json()["metrics"]
+    assert j["schemes"]["nvfp4"]["rel_error"] == pytest.approx(jr["schemes"]["nvfp4"]["rel_error"], rel=1e-6)
+    assert 0.085 < j["total"]["rel_error"] < 0.105
+
+
+def test_modelopt_decoder_is_modelopts_formula():
+    """decode_modelopt_nvfp4 == ModelOpt NVFP4QTensor.dequantize to bfloat16 (test_modelopt's mirror,
+    held to nvidia-modelopt there): fp4 * float32(float32(s) * weight_scale_2)."""
+    from test_modelopt import modelopt_decode
+
+    rng = np.random.default_rng(5)
+    packed = rng.integers(0, 256, (32, 64), dtype=np.uint8)
+    e4m3 = rng.integers(0, 256, (32, 8), dtype=np.uint8)
+    e4m3[(e4m3 & 0x7F) == 0x7F] = 0x38  # no NaN scales here
+    for s2 in (1.0, 0.37 / 2688, 1e-3 / 3):
+        s2 = np.float32(s2)
+        a = decode_modelopt_nvfp4(packed, e4m3, s2)
+        b = modelopt_decode(torch.from_numpy(packed), torch.from_numpy(e4m3).view(torch.float8_e4m3fn),
+                            torch.tensor(s2)).float().numpy()
+        assert np.array_equal(a, b)  # values (ModelOpt decodes code 0x8 to +0.0)
+
+
+def _mo_copy(modelopt_outputs, tmp_path, name="llama") -> Path:
+    dst = tmp_path / "out"
+    shutil.copytree(modelopt_outputs[name][2], dst)
+    return dst
+
+
+def _edit_configs(dst: Path, fn_excludes=None, hf_only=None) -> None:
+    """Edit the exclude list in both config.json and hf_quant_config.json (or hf_quant_config.json only)."""
+    cfg = json.loads((dst / "config.json").read_text())
+    hf = json.loads((dst / "hf_quant_config.json").read_text())
+    if fn_excludes:
+        fn_excludes(cfg["quantization_config"]["ignore"])
+        fn_excludes(hf["quantization"]["exclude_modules"])
+    if hf_only:
+        hf_only(hf["quantization"])
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "hf_quant_config.json").write_text(json.dumps(hf))
+
+
+def _mo_missing_scale_2(dst):
+    rewrite_shard(shard_of(dst, M + ".weight_scale_2"), lambda e: e.pop(M + ".weight_scale_2"))
+    fix_index(dst)
+    return f"{M}.weight_scale_2 is missing ({M} resolves to ModelOpt W4A16_NVFP4: no exclude_modules entry matches it)"
+
+
+def _mo_scale_2_dtype(dst):
+    rewrite_shard(shard_of(dst, M + ".weight_scale_2"), lambda e: e[M + ".weight_scale_2"].__setitem__(0, "I32"))
+    return f"{shard_of(dst, M + '.weight_scale_2').name}: {M}.weight_scale_2 has dtype I32, expected F32"
+
+
+def _mo_scale_dtype(dst):
+    rewrite_shard(shard_of(dst, M + ".weight_scale"), lambda e: e[M + ".weight_scale"].__setitem__(0, "U8"))
+    return f"{M}.weight_scale has dtype U8, expected F8_E4M3"
+
+
+def _mo_scale_2_shape(dst):
+    rewrite_shard(shard_of(dst, M + ".weight_scale_2"),
+                  lambda e: e[M + ".weight_scale_2"].__setitem__(1, [2]) or e[M + ".weight_scale_2"].__setitem__(2, bytes(8)))
+    fix_index(dst)
+    return f"{M}.weight_scale_2 has shape [2], expected a scalar ([] or [1])"
+
+
+def _mo_scale_2_negative(dst):
+    patch(dst, M + ".weight_scale_2", 0, np.array([-0.25], np.float32).tobytes())
+    return f"{M}.weight_scale_2 is -0.25; weight_scale_2 (a multiplier) must be positive"
+
+
+def _mo_scale_2_nan(dst):
+    patch(dst, M + ".weight_scale_2", 0, np.array([np.nan], np.float32).tobytes())
+    return f"{M}.weight_scale_2 holds 1 NaN/Inf value(s)"
+
+
+def _mo_nan_block_scale(dst):
+    patch(dst, M + ".weight_scale", 3, b"\xff")
+    return f"{M}.weight_scale holds 1 NaN E4M3 scale(s) (byte 0x7F/0xFF)"
+
+
+def _mo_nan_passthrough(dst):
+    name = "model.layers.2.self_attn.v_proj.weight"
+    patch(dst, name, 9, np.array([np.inf], ml_dtypes.bfloat16).tobytes())
+    return f"{shard_of(dst, name).name}: {name} holds 1 NaN/Inf value(s)"
+
+
+def _mo_quantized_but_excluded(dst):
+    _edit_configs(dst, lambda ex: ex.append(M))
+    return (f"{M}.weight_scale_2 exists but exclude_modules entry '{M}' excludes {M} in vLLM and TensorRT-LLM, "
+            "which would load it unquantized")
+
+
+def _mo_unquantized_not_excluded(dst):
+    _edit_configs(dst, lambda ex: ex.remove("lm_head"))
+    return ("lm_head.weight is BF16, unquantized, but no exclude_modules entry excludes lm_head in vLLM or "
+            "TensorRT-LLM, which would load it as W4A16_NVFP4")
+
+
+def _mo_stray_ct_tensor(dst):
+    def edit(e):
+        e[M + ".weight_global_scale"] = ["F32", [1], np.array([448.0], np.float32).tobytes()]
+    rewrite_shard(shard_of(dst, M + ".weight_scale_2"), edit)
+    fix_index(dst)
+    return f"{M}.weight_global_scale is a compressed-tensors tensor in a ModelOpt W4A16_NVFP4 checkpoint"
+
+
+def _mo_ct_module(dst):
+    def edit(e):
+        for a, b in (("weight", "weight_packed"), ("weight_scale_2", "weight_global_scale")):
+            if M + "." + a in e:
+                e[M + "." + b] = e.pop(M + "." + a)
+    for f in {shard_of(dst, M + ".weight"), shard_of(dst, M + ".weight_scale_2")}:
+        rewrite_shard(f, edit)
+    fix_index(dst)
+    return f"{M} holds compressed-tensors tensors ("
+
+
+def _mo_algo_mismatch(dst):
+    _edit_configs(dst, hf_only=lambda q: q.__setitem__("quant_algo", "NVFP4"))
+    return ("hf_quant_config.json: quantization.quant_algo is 'NVFP4' but config.json's quantization_config.quant_algo "
+            "is 'W4A16_NVFP4'")
+
+
+def _mo_excludes_mismatch(dst):
+    _edit_configs(dst, hf_only=lambda q: q["exclude_modules"].remove("lm_head"))
+    return ("hf_quant_config.json: quantization.exclude_modules differs from config.json's quantization_config.ignore "
+            "(only here: []; only in config.json: ['lm_head'])")
+
+
+def _mo_group_size(dst):
+    _edit_configs(dst, hf_only=lambda q: q.__setitem__("group_size", 32))
+    return "hf_quant_config.json: quantization.group_size is 32; NVFP4 blocks are 16 weights"
+
+
+def _mo_no_hf_quant_config(dst):
+    (dst / "hf_quant_config.json").unlink()
+    return "hf_quant_config.json: missing, but config.json says ModelOpt"
+
+
+@pytest.mark.parametrize("corrupt", [_mo_missing_scale_2, _mo_scale_2_dtype, _mo_scale_dtype, _mo_scale_2_shape,
+                                     _mo_scale_2_negative, _mo_scale_2_nan, _mo_nan_block_scale, _mo_nan_passthrough,
+                                     _mo_quantized_but_excluded, _mo_unquantized_not_excluded, _mo_stray_ct_tensor,
+                                     _mo_ct_module, _mo_algo_mismatch, _mo_excludes_mismatch, _mo_group_size,
+                                     _mo_no_hf_quant_config],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_modelopt_corruption_is_caught(modelopt_outputs, tmp_path, corrupt):
+    dst = _mo_copy(modelopt_outputs, tmp_path)
+    expected = corrupt(dst)
+    report = verify(dst, scan_block=64)
+    assert len(report.errors) == 1 and expected in report.errors[0], report.errors  # one clear line
+
+
+def test_modelopt_exclusion_is_matched_as_the_runtimes_do(modelopt_outputs, tmp_path):
+    """An entry naming the router of a dense MLP by mistake (``mlp.gate``) is a substring of
+    ``mlp.gate_proj`` and of the fused ``mlp.gate_up_proj``: vLLM would load both unquantized
+    (TensorRT-LLM's fnmatch would not); a 0-d or [1] weight_scale_2 both load."""
+    src = modelopt_outputs["llama"][0]
+    dst = _mo_copy(modelopt_outputs, tmp_path)
+    name = "model.layers.0.mlp.gate_proj.weight_scale_2"
+    rewrite_shard(shard_of(dst, name), lambda e: e[name].__setitem__(1, [1]))
+    report = verify(dst, src)
+    assert report.ok and len(report.metrics) == 9, report.errors
+    _edit_configs(dst, lambda ex: ex.append("model.layers.0.mlp.gate"))
+    p = run_qstream("verify", dst)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 2, p.stderr
+    assert lines[0].endswith(": model.layers.0.mlp.gate_proj.weight_scale_2 exists but exclude_modules entry "
+                             "'model.layers.0.mlp.gate' excludes model.layers.0.mlp.gate_proj in vLLM, which would "
+                             "load it unquantized")
+    assert lines[1].endswith(": model.layers.0.mlp.up_proj.weight_scale_2 exists but exclude_modules entry "
+                             "'model.layers.0.mlp.gate' excludes model.layers.0.mlp.up_proj (as layer "
+                             "model.layers.0.mlp.gate_up_proj) in vLLM, which would load it unquantized")
+    assert "verify: FAILED, 2 error(s)" in p.stdout
