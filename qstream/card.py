@@ -62,7 +62,10 @@ def model_card(plan: Plan) -> str:
             "",
             f"Converted from `{base}` by [qstream](https://pypi.org/project/qstream/) {__version__}, "
             "a streaming converter: weights are requantized tensor by tensor straight from the "
-            "source safetensors, with round-to-nearest scales that match compressed-tensors byte for byte.",
+            "source safetensors, " + ("with round-to-nearest scales that match compressed-tensors byte for byte."
+                                      if plan.options.scale_search == "none" else
+                                      f"with block scales chosen by `--scale-search {plan.options.scale_search}` "
+                                      "(the lowest squared error of the decoded block; the same format)."),
             "",
             "## What was quantized",
             "",

@@ -49,6 +49,13 @@ def plan_options(f):
                           "[schemes] (role -> scheme) and ignore = [regex, ...].")(f)
     f = click.option("--max-shard-size", default="5GB", show_default=True,
                      help="Largest output shard, e.g. 5GB, 500MB, 4GiB.")(f)
+    f = click.option("--scale-search", type=click.Choice(["none", "4over6", "mse"]), default=Options.scale_search,
+                     show_default=True,
+                     help="How each FP4 block's scale is chosen (the output format is the same). none: "
+                          "compressed-tensors' round-to-nearest, byte for byte; 4over6 (nvfp4 only): block max "
+                          "scaled to 6 or to 4, whichever decodes with the lower squared error; mse: also the "
+                          "neighbouring E4M3 scale codes (nvfp4) or E8M0 exponents (mxfp4), lowest squared "
+                          "error of the decoded block wins.")(f)
     f = click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "modelopt"]),
                      default="compressed-tensors", show_default=True,
                      help="Output layout. compressed-tensors: vLLM and transformers; modelopt: NVIDIA ModelOpt "
@@ -59,10 +66,11 @@ def plan_options(f):
 
 def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, max_shard_size: str,
                attn: str = "keep", fmt: str = "compressed-tensors",
-               revision: str | None = None, download_dir: Path | None = None) -> Plan:
+               revision: str | None = None, download_dir: Path | None = None,
+               scale_search: str = Options.scale_search) -> Plan:
     ckpt = open_checkpoint(src, revision=revision, download_dir=download_dir)
     opts = Options(mlp=mlp, attn=attn, ignore=tuple(ignore), recipe=recipe, max_shard_size=parse_size(max_shard_size),
-                   format=fmt)
+                   format=fmt, scale_search=scale_search)
     plan = make_plan(ckpt, opts)
     plan.command = card_command(sys.argv[1:])
     return plan
@@ -166,9 +174,9 @@ REVISION_HELP = "Hub source (SRC = org/name): the branch, tag or commit to conve
 @click.option("--tensors", is_flag=True, help="Also list every tensor with its action, shapes and output shard.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
 @click.option("--revision", default=None, help=REVISION_HELP)
-def inspect(src, mlp, attn, ignore, recipe, max_shard_size, fmt, tensors, as_json, revision):
+def inspect(src, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, tensors, as_json, revision):
     """Show the plan for SRC: what happens to every tensor and the output size. Reads no tensor data."""
-    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision)
+    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, scale_search=scale_search)
     if as_json:
         click.echo(json.dumps(plan_json(plan), indent=1))
     else:
@@ -201,7 +209,7 @@ def inspect(src, mlp, attn, ignore, recipe, max_shard_size, fmt, tensors, as_jso
 @click.option("--push-revision", metavar="BRANCH", default=None,
               help="With --push-to-hub: the branch to commit to (created from main if missing; default main).")
 @click.option("--commit-message", default=None, help="With --push-to-hub: the commit title.")
-def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, fmt, dry_run, overwrite, resume, threads, quiet,
+def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, dry_run, overwrite, resume, threads, quiet,
             revision, low_disk, push_to_hub, private, push_revision, commit_message):
     """Convert SRC (a checkpoint folder, or a Hub repo id like org/name) into DST (a new folder)."""
     from .convert import Executor
@@ -214,7 +222,8 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, fmt, dry_run, o
             raise click.UsageError(f"{flag} needs --push-to-hub.")
     console = _console(quiet)
     download_dir = (Path(dst) / STAGING_DIR / DOWNLOADS).absolute() if low_disk else None
-    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, download_dir=download_dir)
+    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, download_dir=download_dir,
+                      scale_search=scale_search)
     if dry_run:
         print_plan(plan, console)
         console.print("dry run: nothing written")
@@ -222,6 +231,7 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, fmt, dry_run, o
     for w in plan.warnings:
         err.print(f"[yellow]warning:[/] {w}")
     dstp = Path(dst)
+    plan.serve_name = push_to_hub
     # An interrupted push of this same plan resumes with the same command (DST is all ours).
     resume = resume or bool(push_to_hub and push_resumable(dstp, push_to_hub, plan.fingerprint()))
     pusher = None

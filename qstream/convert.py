@@ -279,15 +279,16 @@ class Executor:
             g = np.float32(1) / gs if op.outputs[2].name.endswith(".weight_scale_2") else gs
             w.pwrite(op.outputs[2].offset, np.asarray([g], dtype=np.float32))
         k = self.k
+        search = self.plan.options.scale_search  # "none": compressed-tensors' rounding
 
         def block(r0: int, r1: int) -> None:
             x = self.read_float(op, r0, r1)
             if not math.isfinite(float(k.absmax(x))):
                 raise self._nonfinite(op)
             if gs is not None:
-                packed, scale = k.quantize_nvfp4(x, gs)
+                packed, scale = k.quantize_nvfp4(x, gs, search=search)
             else:
-                packed, scale = k.quantize_mxfp4(x)
+                packed, scale = k.quantize_mxfp4(x, search=search)
             w.pwrite(packed_t.offset + r0 * (cols // 2), packed)
             w.pwrite(scale_t.offset + r0 * groups, scale)
 

@@ -19,6 +19,7 @@ from .errors import QStreamError
 from .roles import ROLES, Classifier, Recipe, load_families, select_family
 from .safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header, dtype_size
 from .schemes import SCHEMES, Scheme, fp8_group_args
+from .schemes.reference import SEARCH_MODES
 from .source import Checkpoint
 
 SHARD_METADATA = {"format": "pt"}
@@ -31,7 +32,7 @@ class Options:
     ignore: tuple[str, ...] = ()
     recipe: str | None = None
     max_shard_size: int = 5 * 10**9
-    scale_search: str = "none"
+    scale_search: str = "mse"  # none: compressed-tensors' rounding, byte for byte (README: "Scale search")
     format: str = "compressed-tensors"  # or "modelopt" (qstream/modelopt.py)
 
     def key(self) -> dict:
@@ -180,6 +181,7 @@ class Plan:
     quantization_config: dict | None
     warnings: list[str]
     command: str = ""  # the command line, for the model card
+    serve_name: str | None = None  # the Hub repo pushed to, for the card's `vllm serve` line
 
     @property
     def bytes_in(self) -> int:
@@ -351,6 +353,13 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
             key = classifier.fused_key(op.module + ".weight") or op.module
             op.scale_group = key
             scale_groups.setdefault(key, []).append(op.module)
+
+    # --scale-search: a mode that every FP4 scheme of the plan offers (reference.SEARCH_MODES)
+    used = sorted({op.scheme for op in ops if op.kind == "quantize"})
+    allowed = [m for m in SEARCH_MODES["nvfp4"] if all(m in SEARCH_MODES[u] for u in used)]
+    if opts.scale_search not in allowed:
+        raise QStreamError(f"--scale-search {opts.scale_search!r} is not a scale search of "
+                           f"{' and '.join(used) or 'any scheme'}; choose one of {', '.join(allowed)}.")
 
     if opts.format not in modelopt.FORMATS:
         raise QStreamError(f"unknown output format {opts.format!r}; choose one of {', '.join(modelopt.FORMATS)}.")

@@ -14,11 +14,12 @@ pytestmark = pytest.mark.slow
 
 N_TOKENS = 4096  # 4 windows of 1024; benchmarks/quality.py uses 8192
 
-# Bounds, stated: qstream's default output is byte-identical to compressed-tensors'
-# round-to-nearest, for which llm-compressor measured (8192 tokens) BF16 22.23,
-# NVFP4A16 24.98 (KL 0.123), MXFP4A16 27.13 (KL 0.247): ratios 1.12 and 1.22. We
-# allow some slack for the shorter text.
-BOUNDS = {"nvfp4": (1.20, 0.16), "mxfp4": (1.32, 0.30)}
+# Bounds, stated: these run the default --scale-search mse. Round-to-nearest (the
+# byte-exact compressed-tensors output, --scale-search none, what llm-compressor writes)
+# measures on these 4096 tokens: NVFP4 ppl ratio 1.129, KL 0.125; MXFP4 1.210, KL 0.251.
+# The default measured 1.099 / 0.1025 (NVFP4) and 1.200 / 0.2384 (MXFP4); the KL bounds
+# sit between the two, so a regression to round-to-nearest quality fails.
+BOUNDS = {"nvfp4": (1.12, 0.115), "mxfp4": (1.21, 0.245)}
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 * qstream.schemes.reference == compressed-tensors 0.20 (driven like llm-compressor's
   model_free_ptq, tests/ct_reference.py): weight_packed, weight_scale,
   weight_global_scale, and the decoded weights.
-* qstream.schemes.kernels == reference, on the same cases and on hypothesis examples.
+* qstream.schemes.kernels == reference, on the same cases and on hypothesis examples,
+  for every scale-search mode (the search semantics are tested in test_scale_search.py).
 
 Every comparison is on raw bytes / bit patterns.
 """
@@ -46,7 +47,7 @@ UINT = {BF16: np.uint16, F16: np.uint16, F32: np.uint32}
 
 @pytest.fixture(scope="session", autouse=True)
 def _compiled():
-    K.warmup()
+    K.warmup()  # every kernel, the scale-search ones included (~2 min cold, cached after)
 
 
 # ------------------------------------------------------------------ conversions
@@ -539,18 +540,24 @@ def test_reference_matches_ct_hypothesis(data):
 # ------------------------------------------------------------- kernels == reference
 
 
-def check_kernels(w, gs=None, parallel_modes=(False, True)):
+def check_kernels(w, gs=None, parallel_modes=(False, True), searches=("none", "4over6", "mse")):
+    """Kernels == reference, byte for byte, for every scale-search mode in ``searches``
+    (a mode a scheme does not have is skipped for it)."""
     if gs is None:
         gs = R.nvfp4_global_scale(R.tensor_absmax(w), w.dtype)
-    rp, rs = R.quantize_nvfp4(w, gs)
-    mp, ms = R.quantize_mxfp4(w)
-    for parallel in parallel_modes:
-        kp, ks = K.quantize_nvfp4(w, gs, parallel=parallel)
-        assert_bytes_equal(kp, rp, f"nvfp4 packed parallel={parallel}")
-        assert_bytes_equal(ks, rs, f"nvfp4 scale parallel={parallel}")
-        kp, ks = K.quantize_mxfp4(w, parallel=parallel)
-        assert_bytes_equal(kp, mp, f"mxfp4 packed parallel={parallel}")
-        assert_bytes_equal(ks, ms, f"mxfp4 scale parallel={parallel}")
+    for search in searches:
+        if search in R.SEARCH_MODES["nvfp4"]:
+            rp, rs = R.quantize_nvfp4(w, gs, search)
+            for parallel in parallel_modes:
+                kp, ks = K.quantize_nvfp4(w, gs, search, parallel=parallel)
+                assert_bytes_equal(kp, rp, f"nvfp4 packed search={search} parallel={parallel}")
+                assert_bytes_equal(ks, rs, f"nvfp4 scale search={search} parallel={parallel}")
+        if search in R.SEARCH_MODES["mxfp4"]:
+            mp, ms = R.quantize_mxfp4(w, search)
+            for parallel in parallel_modes:
+                kp, ks = K.quantize_mxfp4(w, search, parallel=parallel)
+                assert_bytes_equal(kp, mp, f"mxfp4 packed search={search} parallel={parallel}")
+                assert_bytes_equal(ks, ms, f"mxfp4 scale search={search} parallel={parallel}")
 
 
 @pytest.mark.parametrize("name,dt", CASE_PARAMS)
@@ -616,7 +623,8 @@ def test_kernels_into_row_blocks_and_threads(dt):
 
 def test_kernels_release_the_gil():
     for fn in (K._nvfp4_serial, K._nvfp4_parallel, K._mxfp4_serial, K._mxfp4_parallel,
-               K._absmax_bits):
+               K._nvfp4_search_serial, K._nvfp4_search_parallel, K._mxfp4_search_serial,
+               K._mxfp4_search_parallel, K._absmax_bits):
         assert fn.targetoptions.get("nogil") is True, fn
     # this thread keeps running Python while another thread is inside a kernel
     bits = np.ones((8192, 4096), dtype=BF16).view(np.uint16)
@@ -673,6 +681,12 @@ def test_e4m3_encoder_exhaustive():
     with np.errstate(invalid="ignore"):
         md = x[ok].astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
     assert_bytes_equal(ours[ok], md)
+
+
+def test_search_fp4_magnitude_exhaustive():
+    """The search's arithmetic FP4 rounding (rint on the grid spacing) == the magnitude of
+    the RTN encoder's code, for all 2**31 non-negative float32 bit patterns (NaN too)."""
+    assert K._fp4_mag_mismatches(0, 2**31) == 0
 
 
 def test_kernel_dtype_emulation_exhaustive():

@@ -24,14 +24,23 @@ codes per thread (no full-size intermediates).
   must not be called from several Python threads at once. A parallel launch costs
   tens of microseconds (milliseconds on a loaded box): use it for big matrices.
 
+``search`` selects the scale search of the reference (read its "scale search" section):
+"none" is compressed-tensors' rounding, byte for byte; "4over6" (NVFP4) and "mse" pick
+each block's scale among a few candidates by the squared error of the decoded block,
+in one fused pass per row (decode once, evaluate the candidates on tiles of blocks,
+emit), byte for byte like the reference.
+
 Public API (mirrors the reference):
     absmax(w) -> float
-    quantize_nvfp4(w, global_scale, *, parallel=False) -> (packed, scale_bits)
-    quantize_mxfp4(w, *, parallel=False) -> (packed, scale)
-    quantize_nvfp4_into(w, global_scale, packed_out, scale_out, *, parallel=False)
-    quantize_mxfp4_into(w, packed_out, scale_out, *, parallel=False)
+    quantize_nvfp4(w, global_scale, search="none", *, parallel=False) -> (packed, scale_bits)
+    quantize_mxfp4(w, search="none", *, parallel=False) -> (packed, scale)
+    quantize_nvfp4_into(w, global_scale, packed_out, scale_out, search="none", *, parallel=False)
+    quantize_mxfp4_into(w, packed_out, scale_out, search="none", *, parallel=False)
+    SEARCH_MODES: {"nvfp4": ("none", "4over6", "mse"), "mxfp4": ("none", "mse")}
     e4m3_encode(x_float32_array) -> uint8 array
-    warmup() -> seconds (compiles, or loads from numba's cache, every specialization)
+    warmup(search=True, parallel=True) -> seconds (compiles, or loads from numba's
+        cache, every specialization; the search and parallel=True kernels are separate
+        entry points, compiled on first use otherwise)
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from . import reference as _reference
+
 __all__ = [
     "absmax",
     "quantize_nvfp4",
@@ -53,7 +64,10 @@ __all__ = [
     "quantize_mxfp4_into",
     "e4m3_encode",
     "warmup",
+    "SEARCH_MODES",
 ]
+
+SEARCH_MODES = _reference.SEARCH_MODES
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -70,6 +84,13 @@ K_F32 = 2
 # the raw-bits view handed to the kernels: its integer type IS the kind, so every
 # kernel specialization knows its dtype at compile time (``_kind_of``)
 _KINDS = {BF16: (K_BF16, np.uint16), F16: (K_F16, np.int16), F32: (K_F32, np.uint32)}
+
+# scale-search modes -> kernel mode numbers (the candidates are in the reference's
+# "scale search" section)
+_NV_MODES = {"none": 0, "4over6": 1, "mse": 2}
+_MX_MODES = {"none": 0, "mse": 2}
+assert tuple(_NV_MODES) == _reference.SEARCH_MODES["nvfp4"]
+assert tuple(_MX_MODES) == _reference.SEARCH_MODES["mxfp4"]
 
 # float8_e4m3fn code -> float32 value (NaN codes 0x7F / 0xFF are never looked up
 # on the quantization path)
@@ -131,9 +152,11 @@ def _kind_of_impl(w):
 
 _F32_ONE = np.float32(1.0)
 _F32_SIX = np.float32(6.0)
+_F32_FOUR = np.float32(4.0)
 _F32_E4M3_MAX = np.float32(448.0)
 _F32_ZERO_SCALE = np.float32(0.125)
 _F32_TWO_M24 = np.float32(2.0**-24)
+_F32_TWO_23 = np.float32(2.0**23)
 
 
 @njit(inline="always", nogil=True, cache=True)
@@ -345,6 +368,250 @@ def _mxfp4_row(w, r, packed, scale, codes):
     _pack_row(codes, packed, r)
 
 
+# ------------------------------------------------------------- scale search rows
+#
+# The search modes of the reference (``reference.SEARCH_MODES``; the candidates, their
+# order and the error measure are described there). A row is searched in tiles of
+# ``_TILE`` blocks laid out transposed (value j of block l at [j, l]), so that every
+# candidate is evaluated for the whole tile with vertical SIMD operations, block index
+# innermost, and the reference's pairwise sum over a block's values is a sequence of
+# vertical adds. Errors are computed on magnitudes: the FP4 code of x has the sign of
+# x whenever its magnitude is nonzero, and every rounding involved is symmetric, so
+# (|x| - |decoded|) and (x - decoded) have the same square bit for bit. Once the best
+# code of each block is known, the block is emitted exactly as by the RTN kernels.
+
+_TILE = 16  # blocks per tile
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _fp4_mag(q):
+    """FP4 E2M1 magnitude of compressed-tensors' rounding of a scaled magnitude q >= 0.
+
+    Round half to even on the E2M1 grid is rint on the grid's spacing (0.5 below 2, 1
+    below 4, 2 above), clamped to 6; NaN -> 0 like CT. rint is (y + 2**23) - 2**23 (y
+    >= 2**23 only happens when q > 6, clamped anyway). Equal to
+    ``fp4_decode(fp4_encode(q))`` for every float32 q >= 0 and NaN (tested exhaustively).
+    """
+    lo = q < np.float32(2.0)
+    mid = q < np.float32(4.0)
+    k = np.float32(2.0) if lo else (np.float32(1.0) if mid else np.float32(0.5))
+    ik = np.float32(0.5) if lo else (np.float32(1.0) if mid else np.float32(2.0))
+    y = q * k  # exact
+    m = ((y + _F32_TWO_23) - _F32_TWO_23) * ik  # rint(y) (half to even) for 0 <= y < 2**23
+    if m <= _F32_SIX:
+        return m
+    return _F32_SIX if q > _F32_SIX else np.float32(0.0)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _err_norm(amax):
+    """The reference's per-block error normalizer: 2**clip(127 - biased exponent of the
+    float32 amax, -126, 126), so that normalized magnitudes are about 1."""
+    k = np.int64(127) - np.int64((_f32_bits(amax) >> np.uint32(23)) & np.uint32(0xFF))
+    k = min(max(k, np.int64(-126)), np.int64(126))
+    return _bits_f32(np.uint32(k + 127) << np.uint32(23))
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _tree_err(e, n, nl, err):
+    """err[l] = pairwise sum over halves of e[:n, l] (n a power of two >= 4); clobbers e."""
+    h = n // 2
+    while h >= 2:
+        for j in range(h):
+            for l in range(nl):
+                e[j, l] = e[j, l] + e[j + h, l]
+        h //= 2
+    for l in range(nl):
+        err[l] = e[0, l] + e[1, l]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _nv_tile_err(xt, pn, sc, e, err, nl):
+    """err[l]: squared error of block l of the tile with divisors sc[l] (decoded as
+    bf16(fp4 * sc), compared after normalization by pn[l])."""
+    for j in range(16):
+        for l in range(nl):
+            a = xt[j, l]
+            d = a * pn[l] - _round_bf16(_fp4_mag(a / sc[l]) * sc[l]) * pn[l]
+            e[j, l] = d * d
+    _tree_err(e, 16, nl, err)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _nv_code(amax, div, gs, kind):
+    """E4M3 code of gs * dtype(amax / div), clamped to 448 (before 0 -> 0x20)."""
+    t = gs * _round_to(amax / div, kind)
+    if t > _F32_E4M3_MAX:
+        t = _F32_E4M3_MAX
+    return np.int64(_e4m3(t))
+
+
+@njit(nogil=True, cache=True)
+def _nv_try(cand, gs, e4m3_values, xt, pn, sc, e, err, best, best_err, nl):
+    """Evaluate E4M3 codes cand[l] (lanes with invalid codes are left alone)."""
+    any_valid = False
+    for l in range(nl):
+        c = cand[l]
+        valid = c >= 0x01 and c <= 0x7E
+        any_valid |= valid
+        sc[l] = e4m3_values[c if valid else 0x38] / gs
+    if not any_valid:
+        return
+    _nv_tile_err(xt, pn, sc, e, err, nl)
+    for l in range(nl):
+        c = cand[l]
+        if c >= 0x01 and c <= 0x7E and err[l] < best_err[l]:
+            best[l] = c
+            best_err[l] = err[l]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _nvfp4_row_search(w, r, gs, e4m3_values, packed, scale, codes, xt, e, lanes, mode):
+    kind = _kind_of(w)
+    mask = _abs_mask(kind)
+    pn, sc, err, best_err = lanes[0], lanes[1], lanes[2], lanes[3]
+    nblocks = w.shape[1] // 16
+    best = np.empty(_TILE, dtype=np.int64)
+    c6 = np.empty(_TILE, dtype=np.int64)
+    c4r = np.empty(_TILE, dtype=np.int64)
+    cand = np.empty(_TILE, dtype=np.int64)
+    best_rtn = np.empty(_TILE, dtype=np.int64)
+    for t0 in range(0, nblocks, _TILE):
+        nl = min(_TILE, nblocks - t0)
+        for l in range(nl):
+            base = (t0 + l) * 16
+            amax = _decode(_group_amax_bits(w, r, base, 16, mask), kind)
+            c6[l] = _nv_code(amax, _F32_SIX, gs, kind)
+            c4r[l] = _nv_code(amax, _F32_FOUR, gs, kind)
+            best[l] = c6[l] if e4m3_values[c6[l]] != np.float32(0.0) else np.int64(0x20)
+            best_rtn[l] = best[l]
+            pn[l] = _err_norm(amax)
+            for j in range(16):
+                xt[j, l] = abs(_decode(w[r, base + j], kind))
+        for l in range(nl):  # candidate 0: compressed-tensors' scale
+            sc[l] = e4m3_values[best[l]] / gs
+        _nv_tile_err(xt, pn, sc, e, best_err, nl)
+        for l in range(nl):  # four over six
+            c4r[l] = np.int64(0x20) if (c4r[l] & 0x7F) == 0 else c4r[l]
+        if mode == 2:  # the six E4M3 codes above the RTN one
+            for k in range(1, 7):
+                for l in range(nl):
+                    cand[l] = c6[l] + k
+                _nv_try(cand, gs, e4m3_values, xt, pn, sc, e, err, best, best_err, nl)
+        for l in range(nl):  # four over six, where not tried yet (a repeat cannot win)
+            c4 = c4r[l]
+            tried = c4 == best_rtn[l] or (mode == 2 and c6[l] + 1 <= c4 and c4 <= c6[l] + 6)
+            cand[l] = np.int64(-1) if tried else c4
+        _nv_try(cand, gs, e4m3_values, xt, pn, sc, e, err, best, best_err, nl)
+        for l in range(nl):
+            g = t0 + l
+            base = g * 16
+            scale[r, g] = np.uint8(best[l])
+            s = e4m3_values[best[l]] / gs
+            for j in range(16):
+                codes[base + j] = _fp4(_decode(w[r, base + j], kind) / s)
+    _pack_row(codes, packed, r)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _pow2(k):
+    """2.0**k as float32 for -127 <= k <= 127 (exact, 2**-127 subnormal)."""
+    if k >= -126:
+        return _bits_f32(np.uint32(k + 127) << np.uint32(23))
+    return _bits_f32(np.uint32(0x00400000))
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _mx_tile_err(xt, pn, inv, sc, e, err, nl, kind):
+    """err[l]: squared error of block l of the tile quantized as dtype(|x| * inv[l])
+    and decoded as bf16(fp4 * sc[l]), compared after normalization by pn[l]."""
+    for j in range(32):
+        for l in range(nl):
+            d = xt[j, l] * pn[l] - _round_bf16(_fp4_mag(_round_to(xt[j, l] * inv[l], kind)) * sc[l]) * pn[l]
+            e[j, l] = d * d
+    _tree_err(e, 32, nl, err)
+
+
+@njit(nogil=True, cache=True)
+def _mx_try(cand, valid, kind, xt, pn, inv, sc, e, err, best, best_err, nl):
+    """Evaluate E8M0 bytes cand[l] for the lanes where valid[l]: codes of
+    dtype(|x| * 2**(127 - b)), decoded as bf16(fp4 * bf16(2**(b - 127)))."""
+    any_valid = False
+    for l in range(nl):
+        b = cand[l] if valid[l] else np.int64(127)
+        any_valid |= valid[l]
+        inv[l] = _pow2(127 - b)
+        sc[l] = _pow2(b - 127)
+    if not any_valid:
+        return
+    _mx_tile_err(xt, pn, inv, sc, e, err, nl, kind)
+    for l in range(nl):
+        if valid[l] and err[l] < best_err[l]:
+            best[l] = cand[l]
+            best_err[l] = err[l]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _mxfp4_row_search(w, r, packed, scale, codes, xt, e, lanes):
+    kind = _kind_of(w)
+    mask = _abs_mask(kind)
+    pn, inv, sc, err, best_err = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4]
+    if kind == 0:
+        add, keep, mshift, bias, emax = 0x20, 0xFF80, 7, 127, 0xFF
+    elif kind == 1:
+        add, keep, mshift, bias, emax = 0x100, 0xFC00, 10, 15, 0x1F
+    else:
+        add, keep, mshift, bias, emax = 0x200000, 0xFF800000, 23, 127, 0xFF
+    nblocks = w.shape[1] // 32
+    b0 = np.empty(_TILE, dtype=np.int64)
+    best = np.empty(_TILE, dtype=np.int64)
+    cand = np.empty(_TILE, dtype=np.int64)
+    ok = np.empty(_TILE, dtype=np.bool_)
+    valid = np.empty(_TILE, dtype=np.bool_)
+    for t0 in range(0, nblocks, _TILE):
+        nl = min(_TILE, nblocks - t0)
+        for l in range(nl):
+            base = (t0 + l) * 32
+            m = _group_amax_bits(w, r, base, 32, mask)
+            p2 = (np.int64(m) + add) & keep
+            ef = p2 >> mshift
+            ok[l] = ef != emax  # RTN overflow blocks (see _mxfp4_row) are kept as RTN
+            if p2 == 0:
+                e0 = np.int64(0)
+            else:
+                e0 = max(np.int64(127 + (ef - bias) - 2), np.int64(0))
+            if kind == 1 and e0 < 127 - 24:
+                e0 = np.int64(127)
+            b0[l] = e0 if ok[l] else np.int64(127)
+            best[l] = b0[l]
+            pn[l] = _err_norm(_decode(m, kind))
+            for j in range(32):
+                xt[j, l] = abs(_decode(w[r, base + j], kind))
+        for l in range(nl):  # candidate 0: compressed-tensors' exponent
+            b = b0[l] if ok[l] else np.int64(127)
+            inv[l] = _pow2(127 - b)
+            sc[l] = _pow2(b - 127)
+        _mx_tile_err(xt, pn, inv, sc, e, best_err, nl, kind)
+        for d in (-1, 1):
+            for l in range(nl):
+                cand[l] = b0[l] + d
+                valid[l] = ok[l] and cand[l] >= 0 and cand[l] <= 254
+            _mx_try(cand, valid, kind, xt, pn, inv, sc, e, err, best, best_err, nl)
+        for l in range(nl):
+            g = t0 + l
+            base = g * 32
+            if not ok[l]:
+                scale[r, g] = np.uint8(127)
+                for j in range(32):
+                    codes[base + j] = np.uint8(0)
+                continue
+            scale[r, g] = np.uint8(best[l])
+            s = _pow2(127 - best[l])
+            for j in range(32):
+                codes[base + j] = _fp4(_round_to(_decode(w[r, base + j], kind) * s, kind))
+    _pack_row(codes, packed, r)
+
+
 # ------------------------------------------------------------ whole-matrix kernels
 
 
@@ -382,6 +649,55 @@ def _mxfp4_parallel(w, packed, scale, nchunks):
             _mxfp4_row(w, r, packed, scale, codes)
 
 
+# The search kernels are separate entry points, compiled only when a search is used.
+
+
+@njit(nogil=True, cache=True)
+def _nvfp4_search_rows(w, gs, e4m3_values, packed, scale, r0, r1, mode):
+    codes = np.empty(w.shape[1], dtype=np.uint8)
+    xt = np.empty((16, _TILE), dtype=np.float32)
+    e = np.empty((16, _TILE), dtype=np.float32)
+    lanes = np.empty((4, _TILE), dtype=np.float32)
+    for r in range(r0, r1):
+        _nvfp4_row_search(w, r, gs, e4m3_values, packed, scale, codes, xt, e, lanes, mode)
+
+
+@njit(nogil=True, cache=True)
+def _nvfp4_search_serial(w, gs, e4m3_values, packed, scale, mode):
+    _nvfp4_search_rows(w, gs, e4m3_values, packed, scale, 0, w.shape[0], mode)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _nvfp4_search_parallel(w, gs, e4m3_values, packed, scale, nchunks, mode):
+    rows = w.shape[0]
+    nchunks = max(min(rows, nchunks), 1)
+    for c in prange(nchunks):
+        _nvfp4_search_rows(w, gs, e4m3_values, packed, scale, c * rows // nchunks, (c + 1) * rows // nchunks, mode)
+
+
+@njit(nogil=True, cache=True)
+def _mxfp4_search_rows(w, packed, scale, r0, r1):
+    codes = np.empty(w.shape[1], dtype=np.uint8)
+    xt = np.empty((32, _TILE), dtype=np.float32)
+    e = np.empty((32, _TILE), dtype=np.float32)
+    lanes = np.empty((5, _TILE), dtype=np.float32)
+    for r in range(r0, r1):
+        _mxfp4_row_search(w, r, packed, scale, codes, xt, e, lanes)
+
+
+@njit(nogil=True, cache=True)
+def _mxfp4_search_serial(w, packed, scale):
+    _mxfp4_search_rows(w, packed, scale, 0, w.shape[0])
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _mxfp4_search_parallel(w, packed, scale, nchunks):
+    rows = w.shape[0]
+    nchunks = max(min(rows, nchunks), 1)
+    for c in prange(nchunks):
+        _mxfp4_search_rows(w, packed, scale, c * rows // nchunks, (c + 1) * rows // nchunks)
+
+
 @njit(nogil=True, cache=True)
 def _absmax_bits(flat, mask):
     m = flat.dtype.type(0)
@@ -401,6 +717,21 @@ def _round_array(x, kind, out):
     """float32 -> dtype rounding of the kernels, for tests (kind 0 bf16, 1 fp16)."""
     for i in range(x.shape[0]):
         out[i] = _round_to(x[i], kind)
+
+
+@njit(nogil=True, cache=True)
+def _fp4_mag_mismatches(lo, hi):
+    """Count float32 bit patterns b in [lo, hi) where the search's _fp4_mag(q) differs from
+    the magnitude of the RTN encoder's code _fp4(q), for tests (NaN must give 0)."""
+    n = 0
+    for b in range(lo, hi):
+        q = _bits_f32(np.uint32(b))
+        m = _fp4_mag(q)
+        c = _fp4(q) & np.uint8(7)
+        ref = np.float32(c) * np.float32(0.5) if c < 4 else (np.float32(c - 2) if c < 7 else _F32_SIX)
+        if _f32_bits(m) != _f32_bits(ref):
+            n += 1
+    return n
 
 
 @njit(nogil=True, cache=True)
@@ -449,50 +780,67 @@ def absmax(w: np.ndarray) -> float:
     return float(np.array([m], dtype=utype).view(w.dtype)[0].astype(np.float32))
 
 
-def quantize_nvfp4_into(w, global_scale, packed_out, scale_out, *, parallel=False):
+def _mode(scheme: str, search: str) -> int:
+    _reference.check_search(scheme, search)
+    return (_NV_MODES if scheme == "nvfp4" else _MX_MODES)[search]
+
+
+def quantize_nvfp4_into(w, global_scale, packed_out, scale_out, search="none", *, parallel=False):
     """NVFP4 of ``w`` into preallocated ``packed_out`` [rows, cols/2] and
     ``scale_out`` [rows, cols/16] (uint8, E4M3 bits)."""
+    mode = _mode("nvfp4", search)
     bits = _bits(w, NVFP4_GROUP)
     rows, cols = bits.shape
     _check_out(packed_out, (rows, cols // 2), "packed_out")
     _check_out(scale_out, (rows, cols // NVFP4_GROUP), "scale_out")
     gs = np.float32(global_scale)
-    if parallel:
+    if mode and parallel:
+        _nvfp4_search_parallel(bits, gs, _E4M3_VALUES, packed_out, scale_out, _nchunks(), mode)
+    elif mode:
+        _nvfp4_search_serial(bits, gs, _E4M3_VALUES, packed_out, scale_out, mode)
+    elif parallel:
         _nvfp4_parallel(bits, gs, _E4M3_VALUES, packed_out, scale_out, _nchunks())
     else:
         _nvfp4_serial(bits, gs, _E4M3_VALUES, packed_out, scale_out)
 
 
-def quantize_nvfp4(w, global_scale, *, parallel=False):
+def quantize_nvfp4(w, global_scale, search="none", *, parallel=False):
     """Same as :func:`qstream.schemes.reference.quantize_nvfp4`:
-    ``(packed uint8 [rows, cols/2], scale uint8 [rows, cols/16] E4M3 bits)``."""
+    ``(packed uint8 [rows, cols/2], scale uint8 [rows, cols/16] E4M3 bits)``.
+    ``search``: "none" (compressed-tensors' rounding), "4over6" or "mse"."""
     rows, cols = _bits(w, NVFP4_GROUP).shape
     packed = np.empty((rows, cols // 2), dtype=np.uint8)
     scale = np.empty((rows, cols // NVFP4_GROUP), dtype=np.uint8)
-    quantize_nvfp4_into(w, global_scale, packed, scale, parallel=parallel)
+    quantize_nvfp4_into(w, global_scale, packed, scale, search, parallel=parallel)
     return packed, scale
 
 
-def quantize_mxfp4_into(w, packed_out, scale_out, *, parallel=False):
+def quantize_mxfp4_into(w, packed_out, scale_out, search="none", *, parallel=False):
     """MXFP4 of ``w`` into preallocated ``packed_out`` [rows, cols/2] and
     ``scale_out`` [rows, cols/32] (uint8, biased E8M0)."""
+    mode = _mode("mxfp4", search)
     bits = _bits(w, MXFP4_GROUP)
     rows, cols = bits.shape
     _check_out(packed_out, (rows, cols // 2), "packed_out")
     _check_out(scale_out, (rows, cols // MXFP4_GROUP), "scale_out")
-    if parallel:
+    if mode and parallel:
+        _mxfp4_search_parallel(bits, packed_out, scale_out, _nchunks())
+    elif mode:
+        _mxfp4_search_serial(bits, packed_out, scale_out)
+    elif parallel:
         _mxfp4_parallel(bits, packed_out, scale_out, _nchunks())
     else:
         _mxfp4_serial(bits, packed_out, scale_out)
 
 
-def quantize_mxfp4(w, *, parallel=False):
+def quantize_mxfp4(w, search="none", *, parallel=False):
     """Same as :func:`qstream.schemes.reference.quantize_mxfp4`:
-    ``(packed uint8 [rows, cols/2], scale uint8 [rows, cols/32] biased E8M0)``."""
+    ``(packed uint8 [rows, cols/2], scale uint8 [rows, cols/32] biased E8M0)``.
+    ``search``: "none" (compressed-tensors' rounding) or "mse"."""
     rows, cols = _bits(w, MXFP4_GROUP).shape
     packed = np.empty((rows, cols // 2), dtype=np.uint8)
     scale = np.empty((rows, cols // MXFP4_GROUP), dtype=np.uint8)
-    quantize_mxfp4_into(w, packed, scale, parallel=parallel)
+    quantize_mxfp4_into(w, packed, scale, search, parallel=parallel)
     return packed, scale
 
 
@@ -504,14 +852,18 @@ def e4m3_encode(x) -> np.ndarray:
     return out
 
 
-def warmup() -> float:
-    """Compile (or load from the cache) every specialization; returns seconds."""
+def warmup(search: bool = True, parallel: bool = True) -> float:
+    """Compile (or load from the cache) every specialization; returns seconds.
+
+    ``search=False`` leaves out the scale-search kernels, ``parallel=False`` the
+    ``parallel=True`` variants (each is compiled on first use otherwise)."""
     t0 = time.perf_counter()
     for dt in (BF16, F16, F32):  # uint16 / int16 / uint32 bit views
         w = np.zeros((2, 32), dtype=dt)
-        for parallel in (False, True):
-            quantize_nvfp4(w, np.float32(1.0), parallel=parallel)
-            quantize_mxfp4(w, parallel=parallel)
+        for par in (False, True) if parallel else (False,):
+            for mode in ("none", "mse") if search else ("none",):  # one kernel per search
+                quantize_nvfp4(w, np.float32(1.0), mode, parallel=par)
+                quantize_mxfp4(w, mode, parallel=par)
         absmax(w)
     e4m3_encode(np.zeros(1, dtype=np.float32))
     return time.perf_counter() - t0

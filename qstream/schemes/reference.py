@@ -127,6 +127,8 @@ __all__ = [
     "dequantize_nvfp4",
     "dequantize_mxfp4",
     "round_to_dtype",
+    "SEARCH_MODES",
+    "check_search",
 ]
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -278,15 +280,35 @@ def _nvfp4_scale_values(group_amax: np.ndarray, dt: np.dtype, gs: np.float32):
     return sv
 
 
-def quantize_nvfp4(w: np.ndarray, global_scale: np.float32):
+def _nvfp4_code(group_amax: np.ndarray, dt: np.dtype, gs: np.float32, div) -> np.ndarray:
+    """E4M3 code of ``dtype(amax / div) * gs`` as calculate_qparams computes it (clamped to
+    448), BEFORE the zero -> 0.125 replacement. ``div`` 6 gives compressed-tensors' code."""
+    s = round_to_dtype(group_amax / np.float32(div), dt)
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = np.float32(gs) * s
+    t = np.clip(t, -E4M3_MAX, E4M3_MAX)
+    return t.astype(E4M3).view(np.uint8)
+
+
+def _nvfp4_nonzero(code: np.ndarray) -> np.ndarray:
+    """A scale code that decodes to 0 becomes 0x20 (0.125), as in calculate_qparams."""
+    return np.where((code & 0x7F) == 0, np.uint8(0x20), code).astype(np.uint8)
+
+
+def quantize_nvfp4(w: np.ndarray, global_scale: np.float32, search: str = "none"):
     """NVFP4 of a 2-D weight given its (possibly shared) global scale.
 
     Returns ``(packed uint8 [rows, cols/2], scale uint8 [rows, cols/16])``, the scale
-    holding float8_e4m3fn bits. Rows are independent.
+    holding float8_e4m3fn bits. Rows are independent. ``search`` chooses each block's
+    scale (see :data:`SEARCH_MODES`; "none" is compressed-tensors' rounding).
     """
+    check_search("nvfp4", search)
     dt, g = _groups(w, NVFP4_GROUP)
     gs = np.float32(global_scale)
     group_amax = np.max(np.abs(g), axis=-1)  # min(min,0), max(max,0), max(|.|,|.|)
+    if search != "none":
+        code = _nvfp4_search(g, group_amax, dt, gs, search)
+        return pack_fp4(_nvfp4_codes(g, code, gs).reshape(w.shape)), code
     sv = _nvfp4_scale_values(group_amax, dt, gs)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         sc = (sv / gs).astype(np.float32)  # scale / global_scale, float32
@@ -346,20 +368,28 @@ def _mx_compress_scale(s: np.ndarray) -> np.ndarray:
     return ((127 + lg) & 0xFF).astype(np.uint8)
 
 
-def quantize_mxfp4(w: np.ndarray):
+def quantize_mxfp4(w: np.ndarray, search: str = "none"):
     """MXFP4 of a 2-D weight.
 
     Returns ``(packed uint8 [rows, cols/2], scale uint8 [rows, cols/32])``, the scale
-    holding biased E8M0 exponents. Rows are independent.
+    holding biased E8M0 exponents. Rows are independent. ``search`` chooses each
+    block's exponent (see :data:`SEARCH_MODES`; "none" is compressed-tensors' rounding).
     """
+    check_search("mxfp4", search)
     dt, g = _groups(w, MXFP4_GROUP)
     group_amax = np.max(np.abs(g), axis=-1)
     e = _mx_exponent(group_amax, dt)
     s = _mx_scale_values(e, dt)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
         q = round_to_dtype(g / s[..., None], dt)  # x / scale in the weight dtype
-    codes = fp4_encode(q).reshape(w.shape)
-    return pack_fp4(codes), _mx_compress_scale(s)
+    codes = fp4_encode(q)
+    byte = _mx_compress_scale(s)
+    if search != "none":
+        # the RTN block is kept where its exponent overflowed (e == 255: scale inf, all
+        # codes 0, byte 127); elsewhere the RTN byte b0 and codes are those of the formula
+        # below with b = b0, so the RTN candidate is exactly compressed-tensors' block
+        byte, codes = _mxfp4_search(g, dt, byte, codes, e != 255)
+    return pack_fp4(codes.reshape(w.shape)), byte
 
 
 def dequantize_mxfp4(packed: np.ndarray, scale: np.ndarray):
@@ -372,3 +402,148 @@ def dequantize_mxfp4(packed: np.ndarray, scale: np.ndarray):
         s = round_to_dtype(np.exp2(e), BF16)  # 2.0 ** bf16(e - 127)
         w = round_to_dtype(x * s[..., None], BF16)  # bf16 * bf16
     return w.reshape(rows, cols)
+
+
+# -------------------------------------------------------------------- scale search
+#
+# ``search="none"`` is compressed-tensors' rounding (above). The other modes choose,
+# for each block, among a few candidate scales the one whose DECODED block (decoded
+# exactly as compressed-tensors' decompress does, which is what vLLM computes too)
+# has the lowest squared error against the source values. Only the choice of the
+# scale changes: given the chosen scale, the FP4 codes are compressed-tensors'
+# quantizer applied with that scale, and the format, the global scale and the
+# decoders are untouched. Candidate 0 is always compressed-tensors' own scale, and a
+# candidate replaces the current best only when its error is strictly lower, so a
+# block whose RTN scale is already best is written byte for byte as by "none", and
+# the error of every block is <= its "none" error.
+#
+# The error of a block is sum((x * n - decoded * n)**2) in float32, where n is a power
+# of two that brings the block to magnitude ~1 (2**-E for a block amax in [2**E,
+# 2**(E+1)), E clipped to -126 .. 126; exact scaling, so the error is the true squared
+# error times n**2, without float32 overflow or underflow at any weight magnitude), and
+# the sum is a pairwise tree over halves (16 -> 8 -> 4 -> 2 -> 1 for NVFP4, 32 -> ...
+# for MXFP4): a fixed order, so the kernels reproduce it exactly.
+#
+# NVFP4 candidates, in order (E4M3 codes; 0x01 .. 0x7E are the nonzero finite ones):
+#   0. compressed-tensors' code: c6 = E4M3(gs * dtype(amax / 6)), 0 -> 0x20
+#   1. "Four Over Six": the block max scaled to 4 instead of 6, c4 = E4M3(gs * dtype(amax
+#      / 4)) (clamped to 448, 0 -> 0x20), as in Cook et al., "Four Over Six" (2025)
+#   "4over6": candidates 0 and 1.
+#   "mse": candidate 0, then the six E4M3 codes above it, c6 + 1 .. c6 + 6 (c6 taken
+#   before the 0 -> 0x20 replacement; codes above 0x7E skipped), then c4 (when not
+#   among them): the block max lands anywhere from 6 down to about 3.5 (c4 is c6 + 4 or
+#   + 5). Scales below the RTN one (the max clipped to 6) are not tried: they lower the
+#   squared error of more blocks (-30 % instead of -27 % on SmolLM2 with c6 - 1) but
+#   raise SmolLM2's KL divergence (0.113 instead of 0.100 nats), as the largest weight
+#   of a block matters more than its share of the squared error.
+#   Measured in benchmarks/RESULTS-quality.md.
+# MXFP4 candidates (biased E8M0 bytes b as written): 0. compressed-tensors' byte b0,
+#   then b0 - 1 and b0 + 1 (within 0 .. 254). Codes for byte b: FP4 of
+#   dtype(x * 2**(127 - b)), which for b0 is exactly compressed-tensors' dtype(x / scale).
+#   Blocks whose RTN exponent overflowed (amax rounds up to inf) are kept as RTN.
+#   Offsets of +-2 never win on the measured weights: for MXFP4 this search reaches the
+#   minimum squared error the format allows for each block (nearest rounding is the best
+#   code for any given scale).
+
+#: the scale-search modes of each scheme; "none" = compressed-tensors' rounding
+SEARCH_MODES = {"nvfp4": ("none", "4over6", "mse"), "mxfp4": ("none", "mse")}
+
+
+def check_search(scheme: str, search: str) -> None:
+    """Raise ValueError unless ``search`` is a scale-search mode of ``scheme``."""
+    modes = SEARCH_MODES[scheme]
+    if search not in modes:
+        raise ValueError(f"unknown {scheme} scale search {search!r}; choose one of {', '.join(modes)}")
+
+
+def _tree_sum(v: np.ndarray) -> np.ndarray:
+    """Sum over the last axis (a power of two) as a pairwise tree over halves."""
+    while v.shape[-1] > 1:
+        h = v.shape[-1] // 2
+        v = v[..., :h] + v[..., h:]
+    return v[..., 0]
+
+
+def _err_norm(group_amax: np.ndarray) -> np.ndarray:
+    """2**clip(127 - biased exponent of the float32 block amax, -126, 126)."""
+    ea = (np.asarray(group_amax, dtype=np.float32).view(np.uint32) >> 23) & 0xFF
+    k = np.clip(127 - ea.astype(np.int64), -126, 126)
+    return np.ldexp(np.float32(1.0), k.astype(np.int32)).astype(np.float32)
+
+
+def _sq_error(g: np.ndarray, decoded: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """Normalized squared error of each block (float32, pairwise sum), see above."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        d = (g * norm[..., None]).astype(np.float32) - (decoded * norm[..., None]).astype(np.float32)
+        return _tree_sum((d * d).astype(np.float32))
+
+
+def _nvfp4_codes(g: np.ndarray, code: np.ndarray, gs: np.float32) -> np.ndarray:
+    """FP4 codes of groups ``g`` [.., G, 16] with E4M3 scale codes ``code`` [.., G]:
+    compressed-tensors' quantizer (q = x / float32(scale / global_scale))."""
+    sv = code.view(E4M3).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        sc = (sv / gs).astype(np.float32)
+        q = (g / sc[..., None]).astype(np.float32)
+    return fp4_encode(q)
+
+
+def _nvfp4_error(g: np.ndarray, code: np.ndarray, gs: np.float32, norm: np.ndarray) -> np.ndarray:
+    """Squared error of each block quantized with ``code`` and decoded like
+    :func:`dequantize_nvfp4` (bf16(fp4 * float32(scale / global_scale)))."""
+    sv = code.view(E4M3).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        sc = (sv / gs).astype(np.float32)
+        dec = round_to_dtype((fp4_decode(_nvfp4_codes(g, code, gs)) * sc[..., None]).astype(np.float32), BF16)
+    return _sq_error(g, dec, norm)
+
+
+def _nvfp4_search(g, group_amax, dt, gs, search) -> np.ndarray:
+    """E4M3 scale code of each block: the best candidate (see above)."""
+    norm = _err_norm(group_amax)
+    best = _nvfp4_scale_values(group_amax, dt, gs).astype(E4M3).view(np.uint8)
+    best_err = _nvfp4_error(g, best, gs, norm)
+    c4 = _nvfp4_nonzero(_nvfp4_code(group_amax, dt, gs, 4)).astype(np.int64)
+    candidates = [c4]
+    if search == "mse":
+        c6 = _nvfp4_code(group_amax, dt, gs, 6).astype(np.int64)
+        candidates = [c6 + k for k in range(1, 7)] + [c4]
+    for c in candidates:
+        valid = (c >= 0x01) & (c <= 0x7E)
+        c = np.clip(c, 0x01, 0x7E).astype(np.uint8)
+        err = _nvfp4_error(g, c, gs, norm)
+        with np.errstate(invalid="ignore"):
+            better = valid & (err < best_err)
+        best = np.where(better, c, best).astype(np.uint8)
+        best_err = np.where(better, err, best_err)
+    return best
+
+
+def _mx_candidate(g: np.ndarray, dt: np.dtype, b: np.ndarray, norm: np.ndarray):
+    """(FP4 codes, error) of groups ``g`` with biased E8M0 bytes ``b`` (int64, 0..254):
+    codes of dtype(x * 2**(127 - b)), error against compressed-tensors' decode."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        inv = np.ldexp(np.float32(1.0), (127 - b).astype(np.int32)).astype(np.float32)
+        codes = fp4_encode(round_to_dtype((g * inv[..., None]).astype(np.float32), dt))
+        s = round_to_dtype(np.ldexp(np.float32(1.0), (b - 127).astype(np.int32)), BF16)
+        dec = round_to_dtype((fp4_decode(codes) * s[..., None]).astype(np.float32), BF16)
+    return codes, _sq_error(g, dec, norm)
+
+
+def _mxfp4_search(g, dt, byte, rtn_codes, searchable):
+    """(bytes, codes) of each block: the best of b0, b0 - 1, b0 + 1 (see above)."""
+    norm = _err_norm(np.max(np.abs(g), axis=-1))
+    b0 = byte.astype(np.int64)
+    best = b0.copy()
+    best_codes, best_err = _mx_candidate(g, dt, np.clip(b0, 0, 254), norm)
+    for d in (-1, 1):
+        b = b0 + d
+        valid = searchable & (b >= 0) & (b <= 254)
+        codes, err = _mx_candidate(g, dt, np.clip(b, 0, 254), norm)
+        with np.errstate(invalid="ignore"):
+            better = valid & (err < best_err)
+        best = np.where(better, b, best)
+        best_err = np.where(better, err, best_err)
+        best_codes = np.where(better[..., None], codes, best_codes)
+    codes = np.where(searchable[..., None], best_codes, rtn_codes)
+    return best.astype(np.uint8), codes
