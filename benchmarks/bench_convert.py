@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--extra-src", type=Path, action="append", default=[], help="another checkpoint folder to include (e.g. the real SmolLM2)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--scale-search", nargs="+", default=["mse"], help="modes to run (default: the default, mse)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ def main() -> None:
     for label, src in sources:
         size = sum(f.stat().st_size for f in src.iterdir())
         for rep in range(args.repeat):
-            for scheme in args.schemes:
+            for scheme, mode in [(s, m) for s in args.schemes for m in args.scale_search]:
                 warm(src)
                 dst_cp = args.work / "cp-out"
                 shutil.rmtree(dst_cp, ignore_errors=True)
@@ -91,13 +92,14 @@ def main() -> None:
                 warm(src)
                 dst = args.work / "q-out"
                 shutil.rmtree(dst, ignore_errors=True)
-                cmd = [sys.executable, "-m", "qstream", "convert", str(src), str(dst), "--mlp", scheme, "-q"]
+                cmd = [sys.executable, "-m", "qstream", "convert", str(src), str(dst), "--mlp", scheme, "-q",
+                       "--scale-search", mode]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
                 t_q, rss = run_timed(cmd)
                 out_size = sum(f.stat().st_size for f in dst.iterdir() if f.is_file())
                 shutil.rmtree(dst, ignore_errors=True)
-                row = (label, scheme, size, out_size, t_cp, t_q, rss)
+                row = (label, f"{scheme} {mode}", size, out_size, t_cp, t_q, rss)
                 rows.append(row)
                 print(f"{label:>18} {scheme}: cp {t_cp:6.2f} s  qstream {t_q:6.2f} s  ratio {t_q / t_cp:5.2f}  "
                       f"{size / t_q / 1e6:7.0f} MB/s  peak RSS {rss / 2**20:6.0f} MiB", flush=True)
@@ -105,7 +107,7 @@ def main() -> None:
     lines = [
         f"Machine: {machine()}",
         "",
-        "| source | scheme | size in | size out | cp -r (s) | qstream (s) | qstream / cp | qstream MB/s | peak RSS (MiB) |",
+        "| source | scheme, --scale-search | size in | size out | cp -r (s) | qstream (s) | qstream / cp | qstream MB/s | peak RSS (MiB) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, scheme, size, out_size, t_cp, t_q, rss in rows:
