@@ -127,15 +127,20 @@ def test_moe_logits_close_through_compressed_tensors_decoding(sources, tmp_path,
     We decode every module with compressed-tensors, save the BF16 result under the same
     per-expert names (transformers' conversion mapping fuses them on load) and compare
     logits with the source."""
-    from transformers import AutoModelForCausalLM
-
     src_dir = sources[name]
     dst = tmp_path / "out"
     run_qstream("convert", src_dir, dst, "--mlp", "nvfp4", "-q", check=True)
-    sd = _dequantized_checkpoint(dst, "nvfp4")
-    deq = tmp_path / "deq"
+    cos = _logits_cosine(src_dir, dst, _dequantized_checkpoint(dst, "nvfp4"), tmp_path / "deq")
+    assert cos > 0.95, cos  # FP4 MLP on random weights: close, not equal
+
+
+def _logits_cosine(src_dir: Path, dst: Path, state_dict: dict[str, torch.Tensor], deq: Path) -> float:
+    """Save a decoded BF16 state dict with DST's config (minus quantization_config), load it
+    and the source in transformers, and return the cosine similarity of their logits."""
+    from transformers import AutoModelForCausalLM
+
     deq.mkdir()
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(deq / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(deq / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((dst / "config.json").read_text())
     cfg.pop("quantization_config")
     (deq / "config.json").write_text(json.dumps(cfg))
@@ -143,8 +148,7 @@ def test_moe_logits_close_through_compressed_tensors_decoding(sources, tmp_path,
     b = AutoModelForCausalLM.from_pretrained(deq, dtype=torch.bfloat16)
     with torch.no_grad():
         la, lb = a(IDS).logits.float(), b(IDS).logits.float()
-    cos = torch.nn.functional.cosine_similarity(la.flatten(), lb.flatten(), dim=0).item()
-    assert cos > 0.95, cos  # FP4 MLP on random weights: close, not equal
+    return torch.nn.functional.cosine_similarity(la.flatten(), lb.flatten(), dim=0).item()
 
 
 def _gpt_oss_decode_source(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -193,8 +197,6 @@ def test_gpt_oss_mxfp4_to_nvfp4_requantizes(sources, tmp_path):
 def test_gpt_oss_bf16_logits(sources, tmp_path):
     """gpt-oss BF16 fused experts: decode our per-expert output with compressed-tensors,
     fuse it back into gpt-oss's layout and compare logits with the source."""
-    from transformers import AutoModelForCausalLM
-
     src_dir = sources["gpt_oss"]
     dst = tmp_path / "out"
     run_qstream("convert", src_dir, dst, "--mlp", "mxfp4", "-q", check=True)
@@ -216,14 +218,4 @@ def test_gpt_oss_bf16_logits(sources, tmp_path):
         fused[p + "down_proj"] = torch.stack(dn)
         fused[p + "down_proj_bias"] = torch.stack(dnb)
         assert torch.equal(fused[p + "gate_up_proj_bias"], src[p + "gate_up_proj_bias"])
-    deq = tmp_path / "deq"
-    deq.mkdir()
-    save_file({k: v.contiguous() for k, v in fused.items()}, str(deq / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.pop("quantization_config")
-    (deq / "config.json").write_text(json.dumps(cfg))
-    a = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.bfloat16)
-    b = AutoModelForCausalLM.from_pretrained(deq, dtype=torch.bfloat16)
-    with torch.no_grad():
-        la, lb = a(IDS).logits.float(), b(IDS).logits.float()
-    assert torch.nn.functional.cosine_similarity(la.flatten(), lb.flatten(), dim=0).item() > 0.95
+    assert _logits_cosine(src_dir, dst, fused, tmp_path / "deq") > 0.95
