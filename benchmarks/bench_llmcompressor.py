@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="+", default=["mxfp4", "nvfp4"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/qbench"))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--scale-search", default="mse", help="qstream's --scale-search (none = the same rounding as llm-compressor)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.setup:
@@ -59,8 +60,9 @@ def main() -> None:
             warm(src)
             t_lc, rss_lc = run_timed([lc_py, "-c", LC_SNIPPET, str(src), str(dst_lc), LC_SCHEME[scheme], str(args.workers)])
             warm(src)
-            t_q, rss_q = run_timed([sys.executable, "-m", "qstream", "convert", str(src), str(dst_q), "--mlp", scheme, "-q"])
-            rows.append((src.name, scheme, size, t_lc, rss_lc, t_q, rss_q))
+            t_q, rss_q = run_timed([sys.executable, "-m", "qstream", "convert", str(src), str(dst_q), "--mlp", scheme, "-q",
+                                    "--scale-search", args.scale_search])
+            rows.append((src.name, f"{scheme} (qstream --scale-search {args.scale_search})", size, t_lc, rss_lc, t_q, rss_q))
             print(f"{src.name} {scheme}: llm-compressor {t_lc:.1f} s ({rss_lc / 2**30:.2f} GiB), "
                   f"qstream {t_q:.1f} s ({rss_q / 2**30:.2f} GiB): {t_lc / t_q:.1f}x faster", flush=True)
             for d in (dst_lc, dst_q):
