@@ -519,6 +519,21 @@ class Verifier:
             return None
         return t
 
+    def _expect_packed(self, m: Module, suffix: str, gsize: int) -> tuple[TensorInfo | None, int | None, int | None]:
+        """The packed FP4 tensor of ``m`` (U8 [out, in/2]) with its logical rows and columns;
+        (None, rows, cols) after reporting a wrong shape or group size."""
+        packed = self._expect(m, suffix, ("U8",), None)
+        if packed is not None and len(packed.shape) != 2:
+            self.error(packed.path.name, f"{packed.name} has shape {list(packed.shape)}, expected 2-D [out, in/2]")
+            return None, None, None
+        if packed is None:
+            return None, None, None
+        rows, cols = packed.shape[0], packed.shape[1] * 2
+        if cols % gsize:
+            self.error(packed.path.name, f"{packed.name} has {cols} input columns, not a multiple of {gsize}")
+            return None, rows, cols
+        return packed, rows, cols
+
     def _check_quantized(self, m: Module) -> None:
         g = m.group
         ok = True
@@ -531,16 +546,7 @@ class Verifier:
             expected = {"weight_packed", "weight_scale"} | ({"weight_global_scale"} if g.kind == "nvfp4" else set())
             if g.kind == "nvfp4" and g.input_activations:
                 expected.add("input_global_scale")
-            packed = self._expect(m, "weight_packed", ("U8",), None)
-            if packed is not None and len(packed.shape) != 2:
-                self.error(packed.path.name, f"{packed.name} has shape {list(packed.shape)}, expected 2-D [out, in/2]")
-                packed = None
-            rows = cols = None
-            if packed is not None:
-                rows, cols = packed.shape[0], packed.shape[1] * 2
-                if cols % gsize:
-                    self.error(packed.path.name, f"{packed.name} has {cols} input columns, not a multiple of {gsize}")
-                    packed = None
+            packed, rows, cols = self._expect_packed(m, "weight_packed", gsize)
             scale_dtype = "F8_E4M3" if g.kind == "nvfp4" else "U8"
             scale = self._expect(m, "weight_scale", (scale_dtype,),
                                  (rows, cols // gsize) if packed is not None else None)
@@ -709,17 +715,7 @@ class Verifier:
                                         f"in a ModelOpt {g.format} checkpoint, which stores {m.name}.weight (U8), "
                                         f"weight_scale and weight_scale_2")
             return
-        weight = self._expect(m, "weight", ("U8",), None)
-        if weight is not None and len(weight.shape) != 2:
-            self.error(weight.path.name, f"{weight.name} has shape {list(weight.shape)}, expected 2-D [out, in/2]")
-            weight = None
-        rows = cols = None
-        if weight is not None:
-            rows, cols = weight.shape[0], weight.shape[1] * 2
-            if cols % MO_GROUP_SIZE:
-                self.error(weight.path.name, f"{weight.name} has {cols} input columns, not a multiple of "
-                                             f"{MO_GROUP_SIZE}")
-                weight = None
+        weight, rows, cols = self._expect_packed(m, "weight", MO_GROUP_SIZE)
         scale = self._expect(m, "weight_scale", ("F8_E4M3",), (rows, cols // MO_GROUP_SIZE) if weight else None)
         ok = weight is not None and scale is not None
         expected = {"weight", "weight_scale", "weight_scale_2"} | ({"input_scale"} if g.format == "NVFP4" else set())
