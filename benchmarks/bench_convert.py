@@ -58,6 +58,14 @@ def machine() -> str:
             f"numpy {numpy.__version__}, numba {numba.__version__}")
 
 
+def report(lines: list[str], out: Path | None) -> None:
+    """Print the markdown result lines, and write them to ``out`` when given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        out.write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=float, nargs="+", default=[4.0])
@@ -113,10 +121,7 @@ def main() -> None:
     for label, scheme, size, out_size, t_cp, t_q, rss in rows:
         lines.append(f"| {label} | {scheme} | {size / 1e9:.2f} GB | {out_size / 1e9:.2f} GB | {t_cp:.2f} | {t_q:.2f} | "
                      f"{t_q / t_cp:.2f} | {size / t_q / 1e6:.0f} | {rss / 2**20:.0f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import machine, run_timed, warm  # noqa: E402
+from bench_convert import machine, report, run_timed, warm  # noqa: E402
 
 LC_SCHEME = {"nvfp4": "NVFP4A16", "mxfp4": "MXFP4A16"}
 LC_SNIPPET = (
@@ -73,10 +73,7 @@ def main() -> None:
     for name, scheme, size, t_lc, rss_lc, t_q, rss_q in rows:
         lines.append(f"| {name} | {scheme} | {size / 1e9:.2f} GB | {t_lc:.1f} | {rss_lc / 2**30:.2f} GiB | {t_q:.1f} | "
                      f"{rss_q / 2**30:.2f} GiB | {t_lc / t_q:.1f}x |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import machine  # noqa: E402
+from bench_convert import machine, report  # noqa: E402
 
 
 def cached_bytes() -> int:
@@ -85,10 +85,7 @@ def main() -> None:
              "| pages | page-cache growth at peak | growth after the run | time (s) |", "|---|---:|---:|---:|"]
     for label, peak, after, dt in rows:
         lines.append(f"| {label} | {peak / 1e9:.2f} GB | {after / 1e9:.2f} GB | {dt:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    report(lines, args.out)
 
 
 if __name__ == "__main__":
