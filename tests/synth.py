@@ -263,6 +263,13 @@ def _rand(rng, *shape, scale=0.08, dtype=ml_dtypes.bfloat16):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
+def _gqa_attention(t: dict, prefix: str, rng, h: int, hd: int) -> None:
+    """q/k/v/o projections of a 4-head, 2-KV-head attention layer."""
+    for n, s in (("self_attn.q_proj", (4 * hd, h)), ("self_attn.k_proj", (2 * hd, h)),
+                 ("self_attn.v_proj", (2 * hd, h)), ("self_attn.o_proj", (h, 4 * hd))):
+        t[prefix + n + ".weight"] = _rand(rng, *s)
+
+
 def qwen3_moe_config(E=4, hidden=64, inter=64, layers=2) -> dict:
     return {
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": hidden,
@@ -282,9 +289,7 @@ def qwen3_moe_tensors(cfg: dict, fused: bool = False, seed: int = 0) -> dict[str
     t = {"model.embed_tokens.weight": _rand(rng, 256, h, scale=0.5)}
     for L in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{L}."
-        for n, s in (("self_attn.q_proj", (4 * hd, h)), ("self_attn.k_proj", (2 * hd, h)),
-                     ("self_attn.v_proj", (2 * hd, h)), ("self_attn.o_proj", (h, 4 * hd))):
-            t[p + n + ".weight"] = _rand(rng, *s)
+        _gqa_attention(t, p, rng, h, hd)
         t[p + "self_attn.q_norm.weight"] = np.ones(hd, ml_dtypes.bfloat16)
         t[p + "self_attn.k_norm.weight"] = np.ones(hd, ml_dtypes.bfloat16)
         t[p + "input_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
@@ -324,9 +329,7 @@ def mixtral_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     t = {"model.embed_tokens.weight": _rand(rng, 256, h, scale=0.5)}
     for L in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{L}."
-        for n, s in (("self_attn.q_proj", (4 * hd, h)), ("self_attn.k_proj", (2 * hd, h)),
-                     ("self_attn.v_proj", (2 * hd, h)), ("self_attn.o_proj", (h, 4 * hd))):
-            t[p + n + ".weight"] = _rand(rng, *s)
+        _gqa_attention(t, p, rng, h, hd)
         t[p + "input_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
         t[p + "post_attention_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
         t[p + "block_sparse_moe.gate.weight"] = _rand(rng, E, h, scale=0.3)
