@@ -818,11 +818,14 @@ class Verifier:
         except QStreamError as e:
             self.report.errors.append(f"{src_root}: {e}")
             fp8map = {}
-        by_module = {op.module: op for op in plan.ops if op.kind in ("quantize", "repack")}
+        # a ModelOpt NVFP4 source: each module's plan ops copy X.weight and X.weight_scale and read
+        # X.weight_scale_2; the module is measured against the packed X.weight, decoded (below)
+        modelopt_src = {op.module: op for op in plan.ops if op.layout == "modelopt" and op.source.name.endswith(".weight")}
+        by_module = {op.module: op for op in plan.ops if op.kind in ("quantize", "repack") and op.layout != "modelopt"}
         roles = {op.module: op.role for op in plan.ops}
 
         def source_op(module: str):
-            op = by_module.get(module)
+            op = modelopt_src.get(module) or by_module.get(module)
             if op is not None:
                 return op
             info = src.tensors.get(module + ".weight")
@@ -846,9 +849,9 @@ class Verifier:
                                    f"(looked for {m.name}.weight, FP8 with scales, and fused 3-D experts)")
                 continue
             shape = self._dst_shape(m)
-            if tuple(op.shape) != shape:
+            if tuple(_source_shape(op)) != shape:
                 self.error(m.file, f"{m.name} has shape {list(shape)} but its source {op.source.name} reads as "
-                                   f"{list(op.shape)}")
+                                   f"{list(_source_shape(op))}")
                 continue
             jobs.append((m, op))
 
@@ -876,6 +879,8 @@ class Verifier:
         if op.view is not None:
             v = op.view
             desc += f"[expert {v.expert}, rows {v.start}::{v.step} x{v.count}{', transposed' if v.transpose else ''}]"
+        elif op.layout == "modelopt":
+            desc += f" x {op.module}.weight_scale (modelopt nvfp4)"
         elif op.src_scale is not None:
             desc += f" x {op.src_scale.name} ({op.layout})"
         met = TensorMetrics(m.name, op.role, g.kind, (rows, cols), desc)
@@ -893,9 +898,11 @@ class Verifier:
             if g.kind == "fp8" and g.weights.get("strategy") == "block":
                 b0 = (g.weights.get("block_structure") or (128, 128))[0]
                 step = max(b0, step // b0 * b0)
+        read_source = (_modelopt_source_rows(ex.reader, ex.plan.source.tensors, op.module) if op.layout == "modelopt"
+                       else lambda r0, r1: ex.read_float(op, r0, r1))
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            w = np.asarray(ex.read_float(op, r0, r1), dtype=np.float32)
+            w = np.asarray(read_source(r0, r1), dtype=np.float32)
             if modelopt:
                 w_hat = decode_modelopt_nvfp4(self.reader.read_rows(m.parts["weight"], r0, r1),
                                               self.reader.read_rows(m.parts["weight_scale"], r0, r1), gs)
@@ -917,6 +924,22 @@ class Verifier:
                     w_hat = fp8.apply_scale(x, scale, strategy, r0, block)
             met.add(w, w_hat)
         return met
+
+
+def _source_shape(op) -> tuple[int, ...]:
+    """The logical [out, in] shape of a module's source weight (a packed ModelOpt weight holds in/2 bytes)."""
+    if op.layout == "modelopt":
+        o, c = op.source.shape
+        return (o, 2 * c)
+    return tuple(op.shape)
+
+
+def _modelopt_source_rows(reader: ShardReader, tensors: dict[str, TensorInfo], module: str):
+    """Rows of a ModelOpt NVFP4 source module, decoded as ModelOpt decodes them."""
+    weight, scale = tensors[module + ".weight"], tensors[module + ".weight_scale"]
+    scale_2 = np.float32(reader.read(tensors[module + ".weight_scale_2"]).reshape(-1)[0])
+    return lambda r0, r1: decode_modelopt_nvfp4(reader.read_rows(weight, r0, r1), reader.read_rows(scale, r0, r1),
+                                                scale_2)
 
 
 def _lut_tables():

@@ -376,6 +376,24 @@ def test_modelopt_output_passes_with_the_errors_of_compressed_tensors(modelopt_o
     assert 0.075 < j["total"]["rel_error"] < 0.105  # ~0.083 with the default --scale-search mse, ~0.095 without
 
 
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_modelopt_checkpoint_as_source(modelopt_outputs, tmp_path, name):
+    """--source a ModelOpt NVFP4 checkpoint: each module is matched to its packed source weight
+    (not to the op that reads weight_scale_2) and decoded with ModelOpt's formula; its
+    compressed-tensors repack, and the checkpoint itself, decode to it exactly."""
+    src, ct, mo = modelopt_outputs[name]
+    n = 9 if name == "llama" else 24
+    rt = _convert(mo, tmp_path / "rt", "nvfp4")
+    for dst in (rt, mo):
+        report = verify(dst, mo)
+        assert report.ok, report.errors
+        assert len(report.metrics) == n
+        for m in report.metrics:
+            assert m.scheme == "nvfp4" and m.numel == m.shape[0] * m.shape[1], m.module
+            assert m.source == f"{m.module}.weight x {m.module}.weight_scale (modelopt nvfp4)", m.source
+            assert m.max_abs == 0.0 and m.rel_error == 0.0, (dst.name, m.module, m.max_abs)
+
+
 def test_modelopt_decoder_is_modelopts_formula():
     """decode_modelopt_nvfp4 == ModelOpt NVFP4QTensor.dequantize to bfloat16 (test_modelopt's mirror,
     held to nvidia-modelopt there): fp4 * float32(float32(s) * weight_scale_2)."""
