@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .atomic import os_error, write_atomic
 from .convert import Hooks
 from .errors import QStreamError
 from .plan import Plan
@@ -149,9 +150,7 @@ def _record_ref(repo_id: str, revision: str, commit: str) -> None:
         if ref.is_file() and ref.read_text() == commit:
             return
         ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
-        tmp.write_text(commit)
-        os.replace(tmp, ref)
+        write_atomic(ref, commit, tmp=ref.with_name(f"{ref.name}.{os.getpid()}.tmp"))
     except OSError:
         pass  # a read-only cache still converts; only offline reuse by branch name is lost
 
@@ -568,12 +567,14 @@ class HubPusher:
 
     def _save_state(self) -> None:
         path = self.dst / STAGING_DIR / PUSH_STATE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({
+        data = json.dumps({
             "repo_id": self.repo_id, "branch": self.branch, "fingerprint": self.fingerprint,
             "parent_commit": self.parent, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        }, indent=1)
+        try:
+            write_atomic(path, data, tmp=path.with_suffix(".tmp"))
+        except OSError as e:
+            raise os_error(path, e) from e
 
     # ---------------------------------------------------------------- uploads
     def _worker(self) -> None:
