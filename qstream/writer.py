@@ -85,10 +85,12 @@ class ShardWriter:
             done += len(buf)
 
     def finish(self) -> Path:
+        """fsync, close and rename the shard into place; its descriptor is closed whatever fails."""
         try:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+            try:
+                os.fsync(self.fd)
+            finally:
+                self.abort()
             atomic.replace_durably(self.tmp, self.final)
         except OSError as e:
             raise _os_error(self.final, e) from e

@@ -75,3 +75,116 @@ def test_one_atomic_write_helper():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "os":
                 offenders.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
     assert not offenders, f"os.replace/os.rename outside qstream/atomic.py: {offenders}"
+
+
+def _shard(tmp_path: Path):
+    from qstream.plan import OutShard
+
+    (tmp_path / ".qstream").mkdir(exist_ok=True)
+    return OutShard("model-00001-of-00001.safetensors", [], b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError as e:
+        assert e.errno == errno.EBADF
+        return False
+
+
+def test_shard_writer_finish_closes_its_file_when_fsync_fails(tmp_path, monkeypatch):
+    """An fsync error (EIO: a failing disk) becomes one sentence, and the shard's file
+    descriptor is closed, not leaked."""
+    from qstream.writer import ShardWriter
+
+    w = ShardWriter(tmp_path, _shard(tmp_path))
+    fd = w.fd
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(QStreamError, match="write failed"):
+        w.finish()
+    monkeypatch.undo()
+    assert not _is_open(fd), "ShardWriter.finish leaked the shard's file descriptor"
+    assert w.fd == -1
+    w.abort()  # and aborting afterwards is harmless
+
+
+def test_shard_writer_finish_closes_its_file_when_rename_fails(tmp_path):
+    """The final name is taken by a folder: the rename fails with one sentence, no fd is leaked."""
+    from qstream.writer import ShardWriter
+
+    shard = _shard(tmp_path)
+    (tmp_path / shard.filename).mkdir()
+    (tmp_path / shard.filename / "x").write_text("x")
+    w = ShardWriter(tmp_path, shard)
+    fd = w.fd
+    with pytest.raises(QStreamError, match=shard.filename):
+        w.finish()
+    assert not _is_open(fd)
+
+
+def test_reader_download_does_not_stall_other_readers(tmp_path):
+    """ShardReader calls on_open (a Hub download) for a file it has not opened yet: while
+    one file downloads, reads of other files go on, and a second reader of the same file
+    waits for that one download instead of starting another."""
+    from qstream.safetensors_io import ShardReader
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"A" * 64)
+    b.write_bytes(b"B" * 64)
+    started, release = threading.Event(), threading.Event()
+    opened: list[str] = []
+
+    def on_open(path: Path) -> None:
+        opened.append(path.name)
+        if path == a:
+            started.set()
+            release.wait(10)
+
+    reader = ShardReader(on_open=on_open)
+    got: dict[str, bytes] = {}
+
+    def read(key: str, path: Path) -> None:
+        got[key] = bytes(reader.read_bytes(path, 0, 4))
+
+    slow = threading.Thread(target=read, args=("a1", a))
+    slow.start()
+    assert started.wait(10)
+    second_a = threading.Thread(target=read, args=("a2", a))
+    second_a.start()
+    other = threading.Thread(target=read, args=("b", b))
+    other.start()
+    other.join(5)
+    stalled = other.is_alive()
+    release.set()
+    for t in (slow, second_a, other):
+        t.join(10)
+    reader.close()
+    assert not stalled, "reading b.bin waited for the download of a.bin (on_open called under the reader's lock)"
+    assert got == {"a1": b"AAAA", "a2": b"AAAA", "b": b"BBBB"}
+    assert sorted(opened) == ["a.bin", "b.bin"], f"on_open called {opened}: once per file expected"
+
+
+def test_reader_download_error_is_raised_and_retried(tmp_path):
+    """A failed download is raised to the reader that started it; nothing is left half-open
+    (no reader waits forever), and a later read of that file tries the download again."""
+    from qstream.safetensors_io import ShardReader
+
+    a = tmp_path / "a.bin"
+    a.write_bytes(b"A" * 8)
+    calls = []
+
+    def on_open(path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise QStreamError(f"{path.name}: download failed; check the connection and rerun.")
+
+    reader = ShardReader(on_open=on_open)
+    with pytest.raises(QStreamError, match="download failed"):
+        reader.read_bytes(a, 0, 4)
+    assert bytes(reader.read_bytes(a, 0, 4)) == b"AAAA" and len(calls) == 2
+    reader.close()
