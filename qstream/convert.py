@@ -111,7 +111,8 @@ class Executor:
         self.reader = ShardReader(on_open=self.hooks.fetch)
         self.k = _kernels()
         self._global_scales: dict[str, np.float32] = {}
-        self._scales: dict[str, np.ndarray] = {}
+        self._scales: dict[str, np.ndarray] = {}  # FP8 source scales of the ops being converted
+        self._scales_lock = threading.Lock()
         self._by_module = {op.module: op for op in plan.ops if op.scale_group}
 
     # ---------------------------------------------------------------- reading
@@ -135,11 +136,20 @@ class Executor:
             yield r0, min(rows, r0 + step)
 
     def _scale(self, op: Op) -> np.ndarray:
-        s = self._scales.get(op.src_scale.name)
-        if s is None:
-            s = self.reader.read(op.src_scale).astype(np.float32)
-            self._scales[op.src_scale.name] = s
-        return s
+        """The op's FP8 source scale as float32, read once for all the pool threads that need it
+        (scale tensors are small: the lock is held while reading) and kept until :meth:`forget`."""
+        with self._scales_lock:
+            s = self._scales.get(op.src_scale.name)
+            if s is None:
+                s = self.reader.read(op.src_scale).astype(np.float32)
+                self._scales[op.src_scale.name] = s
+            return s
+
+    def forget(self, op: Op) -> None:
+        """The op is done with its source: drop its cached FP8 scale."""
+        if op.src_scale is not None:
+            with self._scales_lock:
+                self._scales.pop(op.src_scale.name, None)
 
     def read_view(self, info: TensorInfo, op: Op, r0: int, r1: int) -> np.ndarray:
         """Rows [r0, r1) of a view's [count, ...] matrix from one expert of a fused tensor."""
@@ -209,6 +219,9 @@ class Executor:
 
             members = [self._by_module[n] for n in self.plan.scale_groups[key]]
             amax = max(self.tensor_absmax(m) for m in members)
+            for m in members:  # the partners' own ops read their scales again when they run
+                if m is not op:
+                    self.forget(m)
             dtype = np.float32 if op.src_scale is not None or op.layout else DTYPES[op.source.dtype].type
             gs = reference.nvfp4_global_scale(amax, dtype)
             self._global_scales[key] = gs
@@ -343,6 +356,8 @@ class Executor:
                         with lock:
                             remaining[0] -= 1
                             last = remaining[0] == 0
+                        if last:
+                            self.forget(op)
                         if last and op.view is None:  # its source bytes are done with: drop their pages now
                             for t in (op.source, op.src_scale):
                                 if t is not None:
@@ -387,6 +402,8 @@ class Executor:
             pool.shutdown(wait=True)
             finisher.shutdown(wait=True)
             self.reader.close()
+            with self._scales_lock:
+                self._scales.clear()
         return Result(
             seconds=time.perf_counter() - t0,
             bytes_in=plan.bytes_in,

@@ -46,6 +46,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -856,11 +857,25 @@ class Verifier:
             jobs.append((m, op))
 
         with tempfile.TemporaryDirectory(prefix="qstream-verify-") as tmp:
-            ex = Executor(plan, Path(tmp), threads=1)
+            # one Executor (its reader and FP8 scale cache) per pool thread, each used by that thread only
+            local, executors, lock = threading.local(), [], threading.Lock()
+
+            def measure_one(job):
+                ex = getattr(local, "ex", None)
+                if ex is None:
+                    ex = local.ex = Executor(plan, Path(tmp), threads=1)
+                    with lock:
+                        executors.append(ex)
+                try:
+                    return self._measure_one(ex, *job)
+                finally:
+                    ex.forget(job[1])
+
             try:
-                results = list(pool.map(lambda j: self._measure_one(ex, *j), jobs))
+                results = list(pool.map(measure_one, jobs))
             finally:
-                ex.reader.close()
+                for ex in executors:
+                    ex.reader.close()
         self.report.metrics = sorted(results, key=_sort_key)
 
     def _dst_shape(self, m: Module) -> tuple[int, int]:

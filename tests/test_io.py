@@ -188,3 +188,48 @@ def test_reader_download_error_is_raised_and_retried(tmp_path):
         reader.read_bytes(a, 0, 4)
     assert bytes(reader.read_bytes(a, 0, 4)) == b"AAAA" and len(calls) == 2
     reader.close()
+
+
+class _SlowScaleReader:
+    """A real ShardReader whose reads of one tensor take a while and are counted
+    (to widen the window in which two threads both miss a cache)."""
+
+    def __init__(self, reader, name: str) -> None:
+        self.reader, self.name, self.reads = reader, name, 0
+
+    def __getattr__(self, attr):
+        return getattr(self.reader, attr)
+
+    def read(self, info):
+        if info.name == self.name:
+            self.reads += 1
+            threading.Event().wait(0.05)
+        return self.reader.read(info)
+
+
+def test_fp8_source_scale_cache_is_locked_and_emptied(tmp_path):
+    """Pool threads that decode the same FP8 weight read its scale tensor once, and a finished
+    conversion keeps no source scale in memory."""
+    from synth import write_qwen3_block_fp8
+    from qstream.convert import Executor
+    from qstream.plan import Options, make_plan
+    from qstream.source import open_checkpoint
+    from qstream.writer import prepare_dst
+
+    src = write_qwen3_block_fp8(tmp_path / "src")
+    plan = make_plan(open_checkpoint(src), Options(mlp="nvfp4", attn="bf16", scale_search="none"))
+    dst = tmp_path / "out"
+    prepare_dst(src, dst, overwrite=False, resume=False)
+    ex = Executor(plan, dst, threads=4)
+    op = next(o for o in plan.ops if o.src_scale is not None and o.kind == "quantize")
+    slow = _SlowScaleReader(ex.reader, op.src_scale.name)
+    ex.reader = slow
+    threads = [threading.Thread(target=ex.read_float, args=(op, 0, 1)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert slow.reads == 1, f"{op.src_scale.name} read {slow.reads} times by 6 threads (cache filled without a lock)"
+    ex.reader = slow.reader
+    ex.run()
+    assert ex._scales == {}, f"source scales kept after the run: {sorted(ex._scales)}"

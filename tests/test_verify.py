@@ -316,6 +316,17 @@ def test_fp8_source(tmp_path):
     assert set(j["metrics"]["roles"]) == {"attention", "mlp"} and j["metrics"]["roles"]["attention"]["snr_db"] is None
 
 
+def test_fp8_source_measures_do_not_depend_on_threads(tmp_path):
+    """Each verify pool thread decodes the source with its own Executor (reader and FP8 scale
+    cache): 1 and 4 threads report the same numbers for every module."""
+    src = write_mistral3_fp8(tmp_path / "src")
+    dst = _convert(src, tmp_path / "out", "mxfp4")
+    one, four = verify(dst, src, threads=1), verify(dst, src, threads=4)
+    assert one.ok and four.ok, one.errors + four.errors
+    a = {m.module: (m.err_sq, m.sum_sq, m.max_abs) for m in one.metrics}
+    assert len(a) == 14 and a == {m.module: (m.err_sq, m.sum_sq, m.max_abs) for m in four.metrics}
+
+
 def test_fused_experts_source(tmp_path):
     cfg = qwen3_moe_config()
     tensors = qwen3_moe_tensors(cfg, fused=True)
