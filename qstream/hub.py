@@ -69,12 +69,23 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
+# huggingface_hub's HTTP client (httpx2 in huggingface_hub 2.x, httpx before) is not a qstream
+# dependency: its transport errors are recognised by class name, never by importing it here
+_TRANSPORT_ERRORS = {"ConnectError", "TimeoutException", "NetworkError"}
+
+
+def _is_network_error(e: BaseException) -> bool:
+    """The Hub could not be reached (refused, timed out, connection lost)."""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    return any(c.__name__ in _TRANSPORT_ERRORS and c.__module__.split(".")[0].startswith("httpx")
+               for c in type(e).__mro__)
+
+
 def _hub_error(what: str, e: Exception, repo_id: str, revision: str | None = None, source: bool = False) -> QStreamError:
     """One actionable sentence for an error raised by huggingface_hub (``source``: the repo
     is SRC, so "not found" also means there is no local folder of that name)."""
     from huggingface_hub import errors as E
-
-    import httpx2
 
     rev = f" at revision {revision!r}" if revision else ""
     if isinstance(e, E.RevisionNotFoundError):
@@ -90,7 +101,7 @@ def _hub_error(what: str, e: Exception, repo_id: str, revision: str | None = Non
     if isinstance(e, E.LocalEntryNotFoundError) or isinstance(e, E.OfflineModeIsEnabled):
         return QStreamError(f"{repo_id}{rev}: {what}: not in the local Hugging Face cache and the Hub is not reachable "
                             "(HF_HUB_OFFLINE is set or there is no network); download it once online first.")
-    if isinstance(e, (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError)):
+    if _is_network_error(e):
         return QStreamError(f"{repo_id}: {what}: cannot reach {_endpoint()} ({e.__class__.__name__}); check the "
                             "network, or set HF_HUB_OFFLINE=1 to use a snapshot already in the cache.")
     if isinstance(e, E.HfHubHTTPError):
@@ -217,9 +228,7 @@ def open_hub_checkpoint(repo_id: str, revision: str | None = None, download_dir:
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
     except Exception as e:
-        import httpx2
-
-        if isinstance(e, (httpx2.ConnectError, httpx2.TimeoutException)):
+        if _is_network_error(e):
             try:
                 return _open_cached_snapshot(repo_id, revision, download_dir)
             except QStreamError:
