@@ -13,10 +13,12 @@ journal by a background finisher while the next shard is converted.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,18 +38,31 @@ COPY_CHUNK = 64 << 20
 
 
 def _kernels():
-    """The fused numba kernels; QSTREAM_KERNELS=reference selects the numpy spec instead."""
-    try:
-        if os.environ.get("QSTREAM_KERNELS") == "reference":
-            raise ImportError
-        from .schemes import kernels  # fused numba kernels
-        return kernels
-    except ImportError:
-        from types import SimpleNamespace
+    """The fused numba kernels; the numpy spec (:mod:`qstream.schemes.reference`, byte-identical,
+    far slower) when QSTREAM_KERNELS=reference asks for it or numba is not installed at all.
+    Any other failure to import the kernels is an error: a broken install must not silently
+    make a conversion ~100x slower."""
+    choice = os.environ.get("QSTREAM_KERNELS", "")
+    if choice not in ("", "numba", "reference"):
+        raise QStreamError(f"QSTREAM_KERNELS={choice!r} is not a kernel choice; set it to 'reference' "
+                           "(the numpy spec) or 'numba', or unset it.")
+    if choice != "reference":
+        try:
+            from .schemes import kernels  # fused numba kernels
+            return kernels
+        except ImportError as e:
+            if not (isinstance(e, ModuleNotFoundError) and e.name == "numba" and importlib.util.find_spec("numba") is None):
+                raise QStreamError(f"the fused kernels (qstream/schemes/kernels.py) cannot be imported "
+                                   f"({e.__class__.__name__}: {e}); repair the numba install (pip install "
+                                   "--force-reinstall numba), or set QSTREAM_KERNELS=reference to run the slow "
+                                   "numpy reference instead.") from e
+            warnings.warn("numba is not installed: qstream runs its numpy reference kernels (same bytes, "
+                          "much slower); pip install numba for the fused kernels.", RuntimeWarning, stacklevel=2)
+    from types import SimpleNamespace
 
-        from .schemes import reference
-        return SimpleNamespace(absmax=reference.tensor_absmax, quantize_nvfp4=reference.quantize_nvfp4,
-                               quantize_mxfp4=reference.quantize_mxfp4)
+    from .schemes import reference
+    return SimpleNamespace(absmax=reference.tensor_absmax, quantize_nvfp4=reference.quantize_nvfp4,
+                           quantize_mxfp4=reference.quantize_mxfp4)
 
 
 @dataclass
