@@ -67,7 +67,10 @@ def _kernels():
 
 @dataclass
 class Progress:
-    """Callbacks the CLI hooks into (rich bar on a terminal, plain lines otherwise)."""
+    """Callbacks the CLI hooks into (rich bar on a terminal, plain lines otherwise).
+
+    ``on_tensor`` is called once per tensor when all its bytes are written, and ``on_shard``
+    when a shard is renamed into place; both may come from worker threads, never two at once."""
 
     on_start: Callable[[Plan], None] = lambda plan: None
     on_tensor: Callable[[Op, int], None] = lambda op, nbytes: None
@@ -128,6 +131,7 @@ class Executor:
         self._global_scales: dict[str, np.float32] = {}
         self._scales: dict[str, np.ndarray] = {}  # FP8 source scales of the ops being converted
         self._scales_lock = threading.Lock()
+        self._progress_lock = threading.Lock()  # Progress callbacks come from worker threads, one at a time
         self._by_module = {op.module: op for op in plan.ops if op.scale_group}
 
     # ---------------------------------------------------------------- reading
@@ -366,13 +370,19 @@ class Executor:
                     remaining = [len(items)]
                     lock = threading.Lock()
 
-                    def item_done(_f, op=op, remaining=remaining, lock=lock):
+                    failed = [False]
+
+                    def item_done(_f, op=op, remaining=remaining, lock=lock, failed=failed):
                         slots.release()
                         with lock:
                             remaining[0] -= 1
                             last = remaining[0] == 0
+                            failed[0] = failed[0] or _f.cancelled() or _f.exception() is not None
                         if last:
                             self.forget(op)
+                            if not failed[0]:  # every byte of the tensor is written: now it counts
+                                with self._progress_lock:
+                                    progress.on_tensor(op, op.bytes_in)
                         if last and op.view is None:  # its source bytes are done with: drop their pages now
                             for t in (op.source, op.src_scale):
                                 if t is not None:
@@ -386,7 +396,6 @@ class Executor:
                         if f.done() and f.exception():
                             break
                     self._raise_first(futures)
-                    progress.on_tensor(op, op.bytes_in)
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 self._raise_first(futures)
                 for op in ops:  # the source bytes of this shard are done with: keep the page cache flat
@@ -444,7 +453,8 @@ class Executor:
         path = sw.finish()
         journal.record(shard.filename, path.stat().st_size, sha256_file(path))
         drop_pages(path)
-        progress.on_shard(path)
+        with self._progress_lock:
+            progress.on_shard(path)
         self.hooks.shard_done(path)
         return path
 
