@@ -39,7 +39,7 @@ from .convert import Hooks
 from .errors import QStreamError
 from .plan import Plan
 from .safetensors_io import ShardHeader, header_length, parse_header, read_header
-from .source import GENERATED, INDEX_NAME, WEIGHT_SUFFIXES, Checkpoint, _load_json, collect_tensors, open_checkpoint
+from .checkpoint import GENERATED, INDEX_NAME, WEIGHT_SUFFIXES, Checkpoint, _load_json, collect_tensors, open_local
 from .writer import STAGING_DIR
 
 DOWNLOADS = "downloads"  # DST/.qstream/downloads: source shards fetched with --low-disk
@@ -313,7 +313,7 @@ def _open_cached_snapshot(repo_id: str, revision: str | None, download_dir: Path
         folder = Path(hf.snapshot_download(repo_id, revision=revision, local_files_only=True))
     except Exception as e:
         raise _hub_error("opening the cached snapshot", e, repo_id, revision, source=True) from e
-    ck = open_checkpoint(folder)
+    ck = open_local(folder)
     return HubCheckpoint(ck.root, ck.config, ck.shards, ck.tensors, ck.side_files, ck.skipped_files, ck.source_card,
                          repo_id=repo_id, revision=revision, commit=folder.name,
                          sizes={s.path: s.path.stat().st_size for s in ck.shards}, remote={}, download_dir=download_dir)
