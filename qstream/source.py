@@ -1,5 +1,5 @@
 """Open a source checkpoint: a local folder (:mod:`qstream.checkpoint`) or a Hub repo
-(:mod:`qstream.hub`, shard headers by range requests, shards fetched when needed).
+(:mod:`qstream.hub_source`, shard headers by range requests, shards fetched when needed).
 
 The checkpoint model itself lives in :mod:`qstream.checkpoint`, which imports neither this
 module nor the Hub code, so the Hub source can build on it without an import cycle.
@@ -17,9 +17,9 @@ __all__ = ["GENERATED", "INDEX_NAME", "WEIGHT_SUFFIXES", "Checkpoint", "collect_
 
 def open_checkpoint(root: str | Path, revision: str | None = None, download_dir: Path | None = None) -> Checkpoint:
     """Open a local checkpoint folder, or a Hub repo id (``org/name``) that is not a local
-    path: see :func:`qstream.hub.open_hub_checkpoint` (``revision``, ``download_dir``)."""
+    path: see :func:`qstream.hub_source.open_hub_checkpoint` (``revision``, ``download_dir``)."""
     if not Path(root).exists():
-        from .hub import is_repo_id, open_hub_checkpoint
+        from .hub_source import is_repo_id, open_hub_checkpoint
 
         if is_repo_id(str(root)):
             return open_hub_checkpoint(str(root), revision=revision, download_dir=download_dir)
