@@ -103,3 +103,20 @@ def test_no_import_cycles():
                  for a in comp for b, line in sorted(graph[a].items()) if b in members]
         lines.append(f"cycle through {', '.join(comp)}:\n    " + "\n    ".join(edges))
     assert not found, "import cycles (move the shared piece into a leaf module, or pass a callable in):\n" + "\n".join(lines)
+
+
+MAX_LINES = 600
+# kernels.py (869 lines) is being reworked under issue 16 (kernel speed); split it there, then drop it here
+OVER_LIMIT_FOR_NOW = {"qstream/schemes/kernels.py"}
+
+
+def test_no_module_over_600_lines():
+    too_long = {}
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG.parent).as_posix()
+        n = len(path.read_text(encoding="utf-8").splitlines())
+        if n > MAX_LINES and rel not in OVER_LIMIT_FOR_NOW:
+            too_long[rel] = n
+    assert not too_long, f"modules over {MAX_LINES} lines (split them by job): {too_long}"
+    stale = {r for r in OVER_LIMIT_FOR_NOW if len((PKG.parent / r).read_text().splitlines()) <= MAX_LINES}
+    assert not stale, f"{sorted(stale)} fit in {MAX_LINES} lines now: remove them from OVER_LIMIT_FOR_NOW"
