@@ -1,11 +1,12 @@
 """The operations a plan is made of: one :class:`Op` per source tensor, writing
-:class:`OutTensor` outputs (a leaf module: the plan and the layouts that rename or add
-operations, like :mod:`qstream.modelopt`, both build on it).
+:class:`OutTensor` outputs into :class:`OutShard` files. A leaf module: the plan, the
+writer and the layouts that rename or add operations (:mod:`qstream.modelopt`) all
+build on it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .safetensors_io import TensorInfo, dtype_size
 
@@ -109,3 +110,18 @@ class Op:
         if self.kind == "cast":
             return "scale -> f32"
         return "passthrough" if self.source.name == self.outputs[0].name else "renamed"
+
+
+@dataclass
+class OutShard:
+    filename: str
+    tensors: list[OutTensor] = field(default_factory=list)
+    header: bytes = b""
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.header) + self.data_bytes

@@ -19,7 +19,7 @@ import numpy as np
 from . import atomic
 from .atomic import os_error as _os_error
 from .errors import QStreamError
-from .plan import OutShard
+from .ops import OutShard
 
 STAGING_DIR = ".qstream"
 
