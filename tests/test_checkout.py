@@ -40,8 +40,23 @@ def test_convert_from_a_checkout_without_install(tmp_path):
     assert qc["format"] == "nvfp4-pack-quantized"
 
 
-def test_wheel_still_packages_the_formats():
-    """pyproject.toml still maps formats/ to qstream.formats with its .toml files."""
-    text = (REPO / "pyproject.toml").read_text()
-    assert '"qstream.formats" = "formats"' in text and '"qstream.formats" = ["*.toml"]' in text
-    assert sorted(p.name for p in (REPO / "formats").glob("*.toml"))
+def test_wheel_still_packages_the_formats(tmp_path):
+    """A wheel built from the checkout (a copy, so no build/ folder is left here) holds every
+    formats/*.toml as qstream/formats/ and every qstream module."""
+    import shutil
+    import zipfile
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, tree / name)
+    for name in ("qstream", "formats"):
+        shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path / "dist"), str(tree)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (wheel,) = (tmp_path / "dist").glob("qstream-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    want = {f"qstream/formats/{t.name}" for t in (REPO / "formats").glob("*.toml")}
+    want |= {p.relative_to(REPO).as_posix() for p in (REPO / "qstream").rglob("*.py")}
+    assert len(want) > 20 and want <= names, sorted(want - names)
