@@ -355,8 +355,9 @@ class Executor:
                 to_release = [p for op in ops for p in releases.get(id(op), ())]
                 if shard.filename in journal.shards:
                     resumed += 1
-                    for op in ops:
-                        progress.on_tensor(op, op.bytes_in)
+                    with self._progress_lock:  # a finisher thread may be reporting a shard meanwhile
+                        for op in ops:
+                            progress.on_tensor(op, op.bytes_in)
                     written.append(dst / shard.filename)
                     progress.on_note(f"{shard.filename}: already done (checksum verified), kept")
                     self._release(to_release)
