@@ -30,7 +30,7 @@ from .errors import QStreamError
 from .journal import open_journal, sha256_file
 from .plan import Op, OutShard, Plan
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
-from .schemes import SCHEMES, fp8
+from .schemes import ATTN_SCHEMES, SCHEMES, fp8
 from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, write_atomic, write_json
 
 BLOCK_BYTES = 16 << 20  # source bytes per work item
@@ -151,6 +151,9 @@ class Executor:
             if op_or_info.block:
                 b0 = op_or_info.block[0]
                 step = max(b0, step // b0 * b0)
+        if isinstance(op_or_info, Op) and op_or_info.kind == "fp8":  # whole blocks of the output encoding
+            align = math.lcm(ATTN_SCHEMES[op_or_info.scheme].row_align, (op_or_info.block or (1,))[0])
+            step = max(align, step // align * align)
         for r0 in range(0, rows, step):
             yield r0, min(rows, r0 + step)
 
@@ -286,21 +289,18 @@ class Executor:
             for r0, r1 in self._blocks(op):
                 yield lambda r0=r0, r1=r1: w.pwrite(out.offset + r0 * row, self.read_float(op, r0, r1).astype(DTYPES[out.dtype]))
             return
-        if op.kind == "fp8":
-            q_t, s_t = op.outputs
-            cols = info.shape[1]
-            item = DTYPES[s_t.dtype].itemsize
+        if op.kind == "fp8":  # an FP8 attention encoding (schemes.ATTN_SCHEMES): rows in, one array per output
+            enc = ATTN_SCHEMES[op.scheme]
 
-            def fp8_block(r0: int, r1: int) -> None:
+            def encode(r0: int, r1: int) -> None:
                 x = self.read_float(op, r0, r1)
                 if not math.isfinite(float(self.k.absmax(x))):
                     raise self._nonfinite(op)
-                q, sc = fp8.quantize_fp8_channel(x)
-                w.pwrite(q_t.offset + r0 * cols, q)
-                w.pwrite(s_t.offset + r0 * item, sc)
+                for t, arr, per in zip(op.outputs, enc.encode(x), enc.rows_per_out_row):
+                    w.pwrite(t.offset + r0 // per * (t.nbytes // t.shape[0]), arr)
 
             for r0, r1 in self._blocks(op):
-                yield lambda r0=r0, r1=r1: fp8_block(r0, r1)
+                yield lambda r0=r0, r1=r1: encode(r0, r1)
             return
         scheme = SCHEMES[op.scheme]
         _, cols = op.shape
