@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import fp8
+from . import fp8, fp8_block
 from .fp8 import Fp8Output
 
 
@@ -78,8 +78,8 @@ NVFP4 = Scheme(
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (MXFP4, NVFP4)}
 
-# FP8 output encodings for attention, by `--attn` name (each one module: fp8.py, ...)
-ATTN_SCHEMES: dict[str, Fp8Output] = {s.name: s for s in (fp8.FP8_DYNAMIC,)}
+# FP8 output encodings for attention, by `--attn` name (each one module: fp8.py, fp8_block.py)
+ATTN_SCHEMES: dict[str, Fp8Output] = {s.name: s for s in (fp8.FP8_DYNAMIC, fp8_block.FP8_BLOCK)}
 
 
 def fp8_group_args(layout: str, block: tuple[int, int] | None = None, static_input: bool = False) -> dict:
