@@ -115,8 +115,9 @@ def test_attn_fp8_block_row_blocks_do_not_change_bytes(tmp_path):
 
 
 def test_attn_fp8_block_loads_in_transformers(tmp_path):
-    """compressed-tensors decompresses FP8 blocks on CPU only when no block is partial, so this
-    fixture's attention is in whole 128x128 blocks."""
+    """Attention in whole 128x128 blocks: compressed-tensors' forward quantizes the activations
+    in groups of 128 and fails on an input width that is not a multiple of 128 (320: "unflatten:
+    Provided sizes [3, 128] don't multiply up to ... 320")."""
     cfg = llama_config(hidden=256, inter=256, layers=2, heads=2, kv_heads=1)
     src = write_checkpoint(tmp_path / "src", cfg, llama_tensors(cfg, seed=3), n_shards=2)
     dst = tmp_path / "out"
@@ -156,6 +157,6 @@ def test_attn_fp8_block_from_fp8_sources(tmp_path):
     assert raw(out[m + ".weight"]) == raw(s[m + ".weight"])
     assert torch.equal(out[m + ".weight_scale"], s[m + ".weight_scale_inv"])
     assert_fp8_block_preset(fp8_group(dst))
-    # transformers on the Qwen3 output only: the re-blocked Mistral3 attention (64 wide) has partial
-    # blocks, which compressed-tensors cannot decompress on CPU
+    # transformers on the Qwen3 output only: the Mistral3 attention inputs are 64 wide, and
+    # compressed-tensors' per-group-128 activation quantization needs a multiple of 128
     assert close(logits(tmp_path / "q3twin", IDS), logits(dst, IDS)) > 0.95
