@@ -27,8 +27,9 @@ codes per thread (no full-size intermediates).
 ``search`` selects the scale search of the reference (read its "scale search" section):
 "none" is compressed-tensors' rounding, byte for byte; "4over6" (NVFP4) and "mse" pick
 each block's scale among a few candidates by the squared error of the decoded block,
-in one fused pass per row (decode once, evaluate the candidates on tiles of blocks,
-emit), byte for byte like the reference.
+in one fused pass per row (decode a block once, evaluate its candidates together, emit),
+byte for byte like the reference (NVFP4: with per-global-scale threshold tables instead
+of a division per candidate, see ``_nv_tables``).
 
 Public API (mirrors the reference):
     absmax(w) -> float
@@ -371,17 +372,11 @@ def _mxfp4_row(w, r, packed, scale, codes):
 # ------------------------------------------------------------- scale search rows
 #
 # The search modes of the reference (``reference.SEARCH_MODES``; the candidates, their
-# order and the error measure are described there). NVFP4: see below (_nv_tables). MXFP4:
-# a row is searched in tiles of
-# ``_TILE`` blocks laid out transposed (value j of block l at [j, l]), so that every
-# candidate is evaluated for the whole tile with vertical SIMD operations, block index
-# innermost, and the reference's pairwise sum over a block's values is a sequence of
-# vertical adds. Errors are computed on magnitudes: the FP4 code of x has the sign of
-# x whenever its magnitude is nonzero, and every rounding involved is symmetric, so
-# (|x| - |decoded|) and (x - decoded) have the same square bit for bit. Once the best
-# code of each block is known, the block is emitted exactly as by the RTN kernels.
-
-_TILE = 16  # blocks per tile
+# order and the error measure are described there), byte for byte. Errors are computed
+# on magnitudes: the FP4 code of x has the sign of x whenever its magnitude is nonzero,
+# and every rounding involved is symmetric, so (|x| - |decoded|) and (x - decoded) have
+# the same square bit for bit. Once the best scale of a block is known, the block is
+# emitted exactly as by the RTN kernels.
 
 
 @njit(inline="always", nogil=True, cache=True)
@@ -411,19 +406,6 @@ def _err_norm(amax):
     k = np.int64(127) - np.int64((_f32_bits(amax) >> np.uint32(23)) & np.uint32(0xFF))
     k = min(max(k, np.int64(-126)), np.int64(126))
     return _bits_f32(np.uint32(k + 127) << np.uint32(23))
-
-
-@njit(inline="always", nogil=True, cache=True)
-def _tree_err(e, n, nl, err):
-    """err[l] = pairwise sum over halves of e[:n, l] (n a power of two >= 4); clobbers e."""
-    h = n // 2
-    while h >= 2:
-        for j in range(h):
-            for l in range(nl):
-                e[j, l] = e[j, l] + e[j + h, l]
-        h //= 2
-    for l in range(nl):
-        err[l] = e[0, l] + e[1, l]
 
 
 @njit(inline="always", nogil=True, cache=True)
@@ -692,94 +674,79 @@ def _pow2(k):
     return _bits_f32(np.uint32(0x00400000))
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def _mx_tile_err(xt, pn, inv, sc, e, err, nl, kind):
-    """err[l]: squared error of block l of the tile quantized as dtype(|x| * inv[l])
-    and decoded as bf16(fp4 * sc[l]), compared after normalization by pn[l]."""
-    for j in range(32):
-        for l in range(nl):
-            d = xt[j, l] * pn[l] - _round_bf16(_fp4_mag(_round_to(xt[j, l] * inv[l], kind)) * sc[l]) * pn[l]
-            e[j, l] = d * d
-    _tree_err(e, 32, nl, err)
-
-
-@njit(nogil=True, cache=True)
-def _mx_try(cand, valid, kind, xt, pn, inv, sc, e, err, best, best_err, nl):
-    """Evaluate E8M0 bytes cand[l] for the lanes where valid[l]: codes of
-    dtype(|x| * 2**(127 - b)), decoded as bf16(fp4 * bf16(2**(b - 127)))."""
-    any_valid = False
-    for l in range(nl):
-        b = cand[l] if valid[l] else np.int64(127)
-        any_valid |= valid[l]
-        inv[l] = _pow2(127 - b)
-        sc[l] = _pow2(b - 127)
-    if not any_valid:
-        return
-    _mx_tile_err(xt, pn, inv, sc, e, err, nl, kind)
-    for l in range(nl):
-        if valid[l] and err[l] < best_err[l]:
-            best[l] = cand[l]
-            best_err[l] = err[l]
+@njit(inline="always", nogil=True, cache=True, error_model="numpy")
+def _mx_tree32(e):
+    """The reference's pairwise sum over halves of e[0:32] (clobbers e)."""
+    h = 16
+    while h >= 1:
+        for j in range(h):
+            e[j] = e[j] + e[j + h]
+        h //= 2
+    return e[0]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _mxfp4_row_search(w, r, packed, scale, codes, xt, e, lanes):
+def _mxfp4_row_search(w, r, packed, scale, codes, xa, xn, e0, e1, e2, nj):
+    """MXFP4 search, one block at a time: the three candidates (RTN byte b0, b0 - 1,
+    b0 + 1) in one pass over the block's values, whose loops (``nj`` = 32, a run-time
+    count) numba's loop vectorizer handles."""
     kind = _kind_of(w)
     mask = _abs_mask(kind)
-    pn, inv, sc, err, best_err = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4]
     if kind == 0:
         add, keep, mshift, bias, emax = 0x20, 0xFF80, 7, 127, 0xFF
     elif kind == 1:
         add, keep, mshift, bias, emax = 0x100, 0xFC00, 10, 15, 0x1F
     else:
         add, keep, mshift, bias, emax = 0x200000, 0xFF800000, 23, 127, 0xFF
-    nblocks = w.shape[1] // 32
-    b0 = np.empty(_TILE, dtype=np.int64)
-    best = np.empty(_TILE, dtype=np.int64)
-    cand = np.empty(_TILE, dtype=np.int64)
-    ok = np.empty(_TILE, dtype=np.bool_)
-    valid = np.empty(_TILE, dtype=np.bool_)
-    for t0 in range(0, nblocks, _TILE):
-        nl = min(_TILE, nblocks - t0)
-        for l in range(nl):
-            base = (t0 + l) * 32
-            m = _group_amax_bits(w, r, base, 32, mask)
-            p2 = (np.int64(m) + add) & keep
-            ef = p2 >> mshift
-            ok[l] = ef != emax  # RTN overflow blocks (see _mxfp4_row) are kept as RTN
-            if p2 == 0:
-                e0 = np.int64(0)
-            else:
-                e0 = max(np.int64(127 + (ef - bias) - 2), np.int64(0))
-            if kind == 1 and e0 < 127 - 24:
-                e0 = np.int64(127)
-            b0[l] = e0 if ok[l] else np.int64(127)
-            best[l] = b0[l]
-            pn[l] = _err_norm(_decode(m, kind))
-            for j in range(32):
-                xt[j, l] = abs(_decode(w[r, base + j], kind))
-        for l in range(nl):  # candidate 0: compressed-tensors' exponent
-            b = b0[l] if ok[l] else np.int64(127)
-            inv[l] = _pow2(127 - b)
-            sc[l] = _pow2(b - 127)
-        _mx_tile_err(xt, pn, inv, sc, e, best_err, nl, kind)
-        for d in (-1, 1):
-            for l in range(nl):
-                cand[l] = b0[l] + d
-                valid[l] = ok[l] and cand[l] >= 0 and cand[l] <= 254
-            _mx_try(cand, valid, kind, xt, pn, inv, sc, e, err, best, best_err, nl)
-        for l in range(nl):
-            g = t0 + l
-            base = g * 32
-            if not ok[l]:
-                scale[r, g] = np.uint8(127)
-                for j in range(32):
-                    codes[base + j] = np.uint8(0)
-                continue
-            scale[r, g] = np.uint8(best[l])
-            s = _pow2(127 - best[l])
-            for j in range(32):
-                codes[base + j] = _fp4(_round_to(_decode(w[r, base + j], kind) * s, kind))
+    for g in range(w.shape[1] // 32):
+        base = g * 32
+        m = _group_amax_bits(w, r, base, 32, mask)
+        p2 = (np.int64(m) + add) & keep
+        ef = p2 >> mshift
+        if ef == emax:  # RTN overflow block (see _mxfp4_row): kept as RTN
+            scale[r, g] = np.uint8(127)
+            for j in range(nj):
+                codes[base + j] = np.uint8(0)
+            continue
+        if p2 == 0:
+            b0 = np.int64(0)
+        else:
+            b0 = max(np.int64(127 + (ef - bias) - 2), np.int64(0))
+        if kind == 1 and b0 < 127 - 24:
+            b0 = np.int64(127)
+        pn = _err_norm(_decode(m, kind))
+        bm = max(b0 - 1, np.int64(0))  # clipped: out-of-range candidates are not chosen
+        bp = min(b0 + 1, np.int64(254))
+        inv0, sc0 = _pow2(127 - b0), _pow2(b0 - 127)
+        invm, scm = _pow2(127 - bm), _pow2(bm - 127)
+        invp, scp = _pow2(127 - bp), _pow2(bp - 127)
+        for j in range(nj):
+            a = abs(_decode(w[r, base + j], kind))
+            xa[j] = a
+            xn[j] = a * pn
+        for j in range(nj):
+            # codes of dtype(|x| * 2**(127 - b)), decoded as bf16(fp4 * bf16(2**(b - 127)))
+            a = xa[j]
+            an = xn[j]
+            d0 = an - _round_bf16(_fp4_mag(_round_to(a * inv0, kind)) * sc0) * pn
+            dm = an - _round_bf16(_fp4_mag(_round_to(a * invm, kind)) * scm) * pn
+            dp = an - _round_bf16(_fp4_mag(_round_to(a * invp, kind)) * scp) * pn
+            e0[j] = d0 * d0
+            e1[j] = dm * dm
+            e2[j] = dp * dp
+        best = b0
+        be = _mx_tree32(e0)
+        em = _mx_tree32(e1)
+        if b0 >= 1 and em < be:
+            best = b0 - 1
+            be = em
+        ep = _mx_tree32(e2)
+        if b0 <= 253 and ep < be:
+            best = b0 + 1
+        scale[r, g] = np.uint8(best)
+        s = _pow2(127 - best)
+        for j in range(nj):
+            codes[base + j] = _fp4(_round_to(_decode(w[r, base + j], kind) * s, kind))
     _pack_row(codes, packed, r)
 
 
@@ -857,26 +824,28 @@ def _nvfp4_search_parallel(w, gs, e4m3_values, packed, scale, nchunks, mode, nj)
 
 
 @njit(nogil=True, cache=True)
-def _mxfp4_search_rows(w, packed, scale, r0, r1):
+def _mxfp4_search_rows(w, packed, scale, r0, r1, nj):
     codes = np.empty(w.shape[1], dtype=np.uint8)
-    xt = np.empty((32, _TILE), dtype=np.float32)
-    e = np.empty((32, _TILE), dtype=np.float32)
-    lanes = np.empty((5, _TILE), dtype=np.float32)
+    xa = np.empty(32, dtype=np.float32)
+    xn = np.empty(32, dtype=np.float32)
+    e0 = np.empty(32, dtype=np.float32)
+    e1 = np.empty(32, dtype=np.float32)
+    e2 = np.empty(32, dtype=np.float32)
     for r in range(r0, r1):
-        _mxfp4_row_search(w, r, packed, scale, codes, xt, e, lanes)
+        _mxfp4_row_search(w, r, packed, scale, codes, xa, xn, e0, e1, e2, nj)
 
 
 @njit(nogil=True, cache=True)
-def _mxfp4_search_serial(w, packed, scale):
-    _mxfp4_search_rows(w, packed, scale, 0, w.shape[0])
+def _mxfp4_search_serial(w, packed, scale, nj):
+    _mxfp4_search_rows(w, packed, scale, 0, w.shape[0], nj)
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _mxfp4_search_parallel(w, packed, scale, nchunks):
+def _mxfp4_search_parallel(w, packed, scale, nchunks, nj):
     rows = w.shape[0]
     nchunks = max(min(rows, nchunks), 1)
     for c in prange(nchunks):
-        _mxfp4_search_rows(w, packed, scale, c * rows // nchunks, (c + 1) * rows // nchunks)
+        _mxfp4_search_rows(w, packed, scale, c * rows // nchunks, (c + 1) * rows // nchunks, nj)
 
 
 @njit(nogil=True, cache=True)
@@ -1005,9 +974,9 @@ def quantize_mxfp4_into(w, packed_out, scale_out, search="none", *, parallel=Fal
     _check_out(packed_out, (rows, cols // 2), "packed_out")
     _check_out(scale_out, (rows, cols // MXFP4_GROUP), "scale_out")
     if mode and parallel:
-        _mxfp4_search_parallel(bits, packed_out, scale_out, _nchunks())
+        _mxfp4_search_parallel(bits, packed_out, scale_out, _nchunks(), MXFP4_GROUP)
     elif mode:
-        _mxfp4_search_serial(bits, packed_out, scale_out)
+        _mxfp4_search_serial(bits, packed_out, scale_out, MXFP4_GROUP)
     elif parallel:
         _mxfp4_parallel(bits, packed_out, scale_out, _nchunks())
     else:
