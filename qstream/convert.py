@@ -33,6 +33,10 @@ from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, wri
 
 BLOCK_BYTES = 16 << 20  # source bytes per work item
 COPY_CHUNK = 64 << 20
+# NVFP4 needs a tensor's (or its fused partners') absmax before its first block can be
+# quantized: the blocks read for it are kept, up to this many bytes, and quantized from
+# memory, so that a tensor is read from the source once (blocks past the limit are read again)
+HOLD_BYTES = 512 << 20
 
 
 def _kernels():
@@ -101,7 +105,7 @@ def _rows_per_block(info: TensorInfo, block_bytes: int) -> int:
 
 class Executor:
     def __init__(self, plan: Plan, dst: Path, *, threads: int | None = None, block_bytes: int = BLOCK_BYTES,
-                 hooks: Hooks | None = None, resume: bool = False) -> None:
+                 hooks: Hooks | None = None, resume: bool = False, hold_bytes: int = HOLD_BYTES) -> None:
         self.plan = plan
         self.dst = dst
         self.threads = max(1, threads or os.cpu_count() or 1)
@@ -113,6 +117,10 @@ class Executor:
         self._global_scales: dict[str, np.float32] = {}
         self._scales: dict[str, np.ndarray] = {}
         self._by_module = {op.module: op for op in plan.ops if op.scale_group}
+        self.hold_bytes = hold_bytes
+        self._held: dict[tuple[int, int, int], np.ndarray] = {}  # (id(op), r0, r1) -> read_float rows
+        self._held_bytes = 0
+        self._held_lock = threading.Lock()
 
     # ---------------------------------------------------------------- reading
     def _blocks(self, op_or_info):
@@ -190,14 +198,30 @@ class Executor:
             "quantized: fix the source weights or exclude it with --ignore."
         )
 
-    def tensor_absmax(self, op: Op) -> float:
+    def tensor_absmax(self, op: Op, hold: bool = False) -> float:
+        """max |w| of the op's source; ``hold``: keep the blocks read (see HOLD_BYTES) for
+        :meth:`take_rows`."""
         amax = 0.0
         for r0, r1 in self._blocks(op):
-            a = float(self.k.absmax(self.read_float(op, r0, r1)))
+            x = self.read_float(op, r0, r1)
+            a = float(self.k.absmax(x))
             if not math.isfinite(a):
                 raise self._nonfinite(op)
             amax = max(amax, a)
+            if hold:
+                with self._held_lock:
+                    if self._held_bytes + x.nbytes <= self.hold_bytes:
+                        self._held[(id(op), r0, r1)] = x
+                        self._held_bytes += x.nbytes
         return amax
+
+    def take_rows(self, op: Op, r0: int, r1: int) -> np.ndarray:
+        """read_float(op, r0, r1), from the blocks kept by the absmax pass when it holds them."""
+        with self._held_lock:
+            x = self._held.pop((id(op), r0, r1), None)
+            if x is not None:
+                self._held_bytes -= x.nbytes
+        return x if x is not None else self.read_float(op, r0, r1)
 
     def global_scale(self, op: Op) -> np.float32:
         """NVFP4 global scale of the op's scale group (fused partners share it)."""
@@ -208,7 +232,7 @@ class Executor:
             from .schemes import reference
 
             members = [self._by_module[n] for n in self.plan.scale_groups[key]]
-            amax = max(self.tensor_absmax(m) for m in members)
+            amax = max(self.tensor_absmax(m, hold=True) for m in members)
             dtype = np.float32 if op.src_scale is not None or op.layout else DTYPES[op.source.dtype].type
             gs = reference.nvfp4_global_scale(amax, dtype)
             self._global_scales[key] = gs
@@ -282,7 +306,7 @@ class Executor:
         search = self.plan.options.scale_search  # "none": compressed-tensors' rounding
 
         def block(r0: int, r1: int) -> None:
-            x = self.read_float(op, r0, r1)
+            x = self.take_rows(op, r0, r1) if gs is not None else self.read_float(op, r0, r1)
             if not math.isfinite(float(k.absmax(x))):
                 raise self._nonfinite(op)
             if gs is not None:
@@ -386,6 +410,7 @@ class Executor:
         finally:
             pool.shutdown(wait=True)
             finisher.shutdown(wait=True)
+            self._held.clear()
             self.reader.close()
         return Result(
             seconds=time.perf_counter() - t0,
