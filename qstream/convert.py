@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import QStreamError
-from .journal import open_journal, sha256_file
+from .journal import open_journal
 from .plan import Op, OutShard, Plan
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
 from .schemes import SCHEMES, fp8
@@ -434,8 +434,8 @@ class Executor:
             self.hooks.release(p)
 
     def _finish_shard(self, sw: ShardWriter, shard: OutShard, journal, progress: Progress) -> Path:
-        path = sw.finish()
-        journal.record(shard.filename, path.stat().st_size, sha256_file(path))
+        path = sw.finish()  # hashed while it was written (ShardWriter), fsynced, renamed
+        journal.record(shard.filename, path.stat().st_size, sw.sha256())
         drop_pages(path)
         progress.on_shard(path)
         self.hooks.shard_done(path)
