@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import QStreamError
-from .roles import ROLES, Classifier, Recipe, load_families, select_family
+from .roles import ROLES, Classifier, Family, Recipe, load_families, select_family
 from .safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header, dtype_size
 from .schemes import SCHEMES, Scheme, fp8_group_args
 from .schemes.reference import SEARCH_MODES
@@ -366,7 +366,7 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
     if opts.format == "modelopt":
         modelopt.apply_format(ops)  # ModelOpt names: weight / weight_scale / weight_scale_2
     shards = _assign_shards(ops, opts.max_shard_size)
-    qconfig = modelopt.quantization_config(ops) if opts.format == "modelopt" else _quantization_config(ops, src.config)
+    qconfig = modelopt.quantization_config(ops) if opts.format == "modelopt" else _quantization_config(ops, src.config, family)
     return Plan(src, opts, family.name, ops, shards, scale_groups, qconfig, warnings)
 
 
@@ -583,37 +583,63 @@ def _assign_shards(ops: list[Op], max_size: int) -> list[OutShard]:
 
 # --------------------------------------------------------------------------- config
 
-def _generalize(names: list[str], forbidden: list[str]) -> list[str]:
-    """Compact module names into anchored `re:` patterns that match no forbidden name.
+def _generalize(names: list[str], forbidden: list[str], family: Family) -> list[str]:
+    """Compact module names into ``re:`` patterns that every runtime resolves alike.
 
-    Layer indices become \\d+, then names differing only in their last component
-    are merged into one alternation. Any pattern that would also match a
-    forbidden (quantized) module falls back to the exact names it covers.
+    Layer indices become ``\\d+`` and names differing only in their last component
+    share one alternation. A pattern is anchored at the end only, and starts at a
+    dot (``re:(?:.*\\.)?tail$``), with the shortest tail that matches every member
+    and no forbidden module under both namings: transformers' (the checkpoint's
+    names) and vLLM's (the architecture's ``hf_to_vllm_mapper``, which vLLM applies
+    to plain config names but not to ``re:`` entries). Where no tail does, the
+    exact names are kept (a plain name that vLLM cannot map onto its own module
+    name, such as ``lm_head`` of a multimodal model, becomes a pattern instead).
     """
-    def split(n: str) -> tuple[str, str]:
-        head, _, last = n.rpartition(".")
-        return head, last
+    def aliases(n: str) -> set[str]:
+        return {n, family.vllm_module(n)}
+
+    forb = {a for f in forbidden for a in aliases(f)}
+
+    def safe(pat: str, members: list[str]) -> bool:
+        rx = re.compile(pat)
+        return all(rx.match(a) for m in members for a in aliases(m)) and not any(rx.match(f) for f in forb)
+
+    def tail_pattern(comps: list[str], last_re: str, members: list[str]) -> str | None:
+        for k in range(len(comps), -1, -1):  # shortest tail first, with one named component if any
+            if k == len(comps) and comps or all(c == "<N>" for c in comps[k:]) and any(c != "<N>" for c in comps):
+                continue
+            tail = "".join(re.escape(c).replace(re.escape("<N>"), r"\d+") + r"\." for c in comps[k:])
+            pat = r"(?:.*\.)?" + tail + last_re + "$"
+            if safe(pat, members):
+                return pat
+        return None
 
     by_head: dict[str, dict[str, list[str]]] = {}
     for n in names:
-        head, last = split(n)
+        head, _, last = n.rpartition(".")
         ghead = re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "<N>", head)
         by_head.setdefault(ghead, {}).setdefault(last, []).append(n)
     out: list[str] = []
     for ghead, lasts in by_head.items():
         members = [n for ns in lasts.values() for n in ns]
-        if len(members) == 1 and "<N>" not in ghead:
+        if len(members) == 1 and "<N>" not in ghead and family.vllm_plain_entry(members[0]) == family.vllm_module(members[0]):
             out.append(members[0])
             continue
-        esc = re.escape(ghead).replace(re.escape("<N>"), r"\d+")
         alts = sorted(lasts)
         last_re = re.escape(alts[0]) if len(alts) == 1 else "(" + "|".join(re.escape(a) for a in alts) + ")"
-        pat = f"^{esc}\\.{last_re}$" if ghead else f"^{last_re}$"
-        rx = re.compile(pat)
-        if any(rx.match(f) for f in forbidden) or not all(rx.match(m) for m in members):
-            out.extend(members)
-        else:
+        pat = tail_pattern(ghead.split(".") if ghead else [], last_re, members)
+        if pat is not None:
             out.append("re:" + pat)
+            continue
+        for m in members:
+            if family.vllm_plain_entry(m) == family.vllm_module(m):
+                out.append(m)
+            else:
+                one = tail_pattern(m.split(".")[:-1], re.escape(m.rpartition(".")[2]), [m])
+                if one is None:
+                    raise QStreamError(f"module {m!r}: no config name resolves it to the right scheme in both "
+                                       "transformers and vLLM; please report this model.")
+                out.append("re:" + one)
     return out
 
 
@@ -628,7 +654,7 @@ def _group_for(key: str) -> dict:
     return fp8_group_args(parts[1], block, static_input="static" in parts)
 
 
-def _quantization_config(ops: list[Op], config: dict) -> dict | None:
+def _quantization_config(ops: list[Op], config: dict, family: Family) -> dict | None:
     described = [op for op in ops if op.module_scheme is not None]
     if not described:
         return None
@@ -646,14 +672,14 @@ def _quantization_config(ops: list[Op], config: dict) -> dict | None:
     # A tied lm_head has no tensor of its own but is still a Linear module.
     if "lm_head" not in q_modules and "lm_head" not in unq:
         unq.append("lm_head")
-    ignore = _generalize(unq, q_modules)
+    ignore = _generalize(unq, q_modules, family)
     groups = {}
     for i, key in enumerate(keys):
         if len(keys) == 1:
             targets = ["Linear"]
         else:
             targets = _generalize([op.module for op in described if op.module_scheme == key],
-                                  [op.module for op in described if op.module_scheme != key] + unq)
+                                  [op.module for op in described if op.module_scheme != key] + unq, family)
         g = _group_for(key)
         groups[f"group_{i}"] = {
             "targets": targets,
