@@ -522,6 +522,33 @@ def _v8_mul(typingctx, dst, doff, src, soff, s):
     return sig, codegen
 
 
+@intrinsic
+def _v8_chain(typingctx, x, xn, xoff, tg, toff, dn, e, eoff):
+    """e[eoff:eoff+8] = (xn[xoff+k] - dn[i])**2, i = the number of thresholds
+    tg[toff + 8 * i'] (i' = 1 .. 7) <= x[xoff+k]: one candidate's errors for 8 values."""
+    sig = types.void(x, xn, xoff, tg, toff, dn, e, eoff)
+
+    def codegen(context, builder, signature, args):
+        xv, xnv, xo, tgv, to, dnv, ev, eo = args
+        i64 = ir.IntType(64)
+
+        def scalar(arrty, arrval, off):
+            ary = context.make_array(arrty)(context, builder, arrval)
+            return builder.load(builder.gep(ary.data, [off]))
+
+        a = builder.load(_v8_ptr(context, builder, x, xv, xo), align=4)
+        an = builder.load(_v8_ptr(context, builder, xn, xnv, xo), align=4)
+        d = _v8_splat(builder, scalar(dn, dnv, ir.Constant(i64, 0)))
+        for i in range(1, 8):
+            t = _v8_splat(builder, scalar(tg, tgv, builder.add(to, ir.Constant(i64, 8 * i))))
+            d = builder.select(builder.fcmp_ordered(">=", a, t), _v8_splat(builder, scalar(dn, dnv, ir.Constant(i64, i))), d)
+        diff = builder.fsub(an, d)
+        builder.store(builder.fmul(diff, diff), _v8_ptr(context, builder, e, ev, eo), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(nogil=True, cache=True)
 def _nv_threshold(sc, i, tau):
     """Least float32 a >= 0 whose FP4 index of fl(a / sc) is >= i (1 <= i <= 7), or -1
@@ -599,6 +626,22 @@ def _nv_block_err8(xa, xn, c6, tg, dg, dd, pn, hi, e, nj):
 
 
 @njit(inline="always", nogil=True, cache=True, error_model="numpy")
+def _nv_block_err1(xa, xn, c, tg, dg, dd, pn, e):
+    """The reference's error of the block under one normal code c, from the tables."""
+    cb = c * 80 + 16
+    for i in range(8):
+        dd[i] = dg[cb + 8 * i] * pn
+    _v8_chain(xa, xn, 0, tg, cb, dd, e, 0)
+    _v8_chain(xa, xn, 8, tg, cb, dd, e, 8)
+    h = 8
+    while h >= 1:
+        for j in range(h):
+            e[j] = e[j] + e[j + h]
+        h //= 2
+    return e[0]
+
+
+@njit(inline="always", nogil=True, cache=True, error_model="numpy")
 def _nv_err1(xa, pn, sc, e):
     """The reference's error of one block (magnitudes xa) with divisor sc."""
     for j in range(16):
@@ -632,7 +675,12 @@ def _nvfp4_row_search(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, code
             xa[j] = a
             xn[j] = a * pn
         best = best_rtn
-        if tab_ok and m < inf_bits and c6 >= 8 and c4 - c6 <= 7:
+        if mode == 1 and tab_ok and m < inf_bits and c6 >= 8:  # 4over6: two candidates
+            if c4 != c6 and c4 <= 0x7E:
+                be = _nv_block_err1(xa, xn, c6, tg, dg, dd, pn, e)
+                if _nv_block_err1(xa, xn, c4, tg, dg, dd, pn, e) < be:
+                    best = c4
+        elif tab_ok and m < inf_bits and c6 >= 8 and c4 - c6 <= 7:
             _nv_block_err8(xa, xn, c6, tg, dg, dd, pn, hi, e, nj)
             be = e[0]
             for k in range(1, 8):  # candidate order; c6 + 7 only as c4
