@@ -125,6 +125,18 @@ class Op:
         return sum(o.nbytes for o in self.outputs)
 
     @property
+    def quantized(self) -> bool:
+        """The one rule for "quantized" (tables, card, summary, commit message): the op writes a
+        weight that quantization_config describes (FP4 quantized or repacked, FP8 made or kept)."""
+        return self.module_scheme is not None
+
+    @property
+    def converted(self) -> bool:
+        """Quantized by this run (FP4 from floats or FP8, FP8 from floats, an FP4 repack), as
+        opposed to an FP8 weight kept as the source has it."""
+        return self.quantized and (self.kind != "copy" or self.layout == "modelopt")
+
+    @property
     def action(self) -> str:
         """A short label for tables: what happens to this tensor."""
         if self.layout == "modelopt":
@@ -182,6 +194,7 @@ class Plan:
     warnings: list[str]
     command: str = ""  # the command line, for the model card
     serve_name: str | None = None  # the Hub repo pushed to, for the card's `vllm serve` line
+    base_model: str | None = None  # --base-model: the card's base_model (else inferred, see card.base_model_of)
 
     @property
     def bytes_in(self) -> int:
@@ -196,10 +209,20 @@ class Plan:
         for op in self.ops:
             s = out[op.role]
             s.tensors += 1
-            s.quantized += op.module_scheme is not None
+            s.quantized += op.quantized
             s.bytes_in += op.bytes_in
             s.bytes_out += op.bytes_out
         return {r: s for r, s in out.items() if s.tensors}
+
+    @property
+    def quantized(self) -> int:
+        """How many tensors are quantized (:attr:`Op.quantized`)."""
+        return sum(op.quantized for op in self.ops)
+
+    def schemes(self, converted_only: bool = False) -> list[str]:
+        """The formats of the quantized weights: nvfp4, mxfp4, fp8 (sorted)."""
+        return sorted({op.module_scheme.split(":")[0] for op in self.ops
+                       if op.quantized and (op.converted or not converted_only)})
 
     def fingerprint(self) -> str:
         """Identity of the output this plan produces: source identity, options, version."""
@@ -319,12 +342,14 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
         except re.error as e:
             raise QStreamError(f"--ignore {pat!r} is not a valid regex ({e}).") from e
     warnings: list[str] = []
-    packed = next((n for n in src.tensors if n.endswith(".weight_packed")), None)
-    if packed is not None:
-        raise QStreamError(
-            f"{src.root}: tensor {packed!r} shows the source is already FP4-packed (compressed-tensors); "
-            "convert from the original BF16/FP16/FP32 or FP8 checkpoint instead."
-        )
+    if family.name == "generic":
+        from .roles import _model_identity
+
+        archs, types = _model_identity(src.config)
+        what = ", ".join(archs + types) or "none given in config.json"
+        warnings.append(f"architecture {what} is not one qstream knows (formats/*.toml); the generic name rules "
+                        "decide each tensor's role: check the plan with `qstream inspect`, or pass --recipe")
+    check_source_quantization(src)
     fp8 = find_fp8_weights(src.tensors, src.config)
     consumed = {t.name for f in fp8.values() for t in (f.scale, f.input_scale) if t is not None}
 
@@ -345,6 +370,11 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
         role = classifier.role(info.name)
         scheme = _scheme_for(role, opts, recipe)
         ops.extend(_plan_tensor(info, role, scheme, fp8.get(info.name), opts, ignore_res, warnings))
+    for pat, rx in zip(list(opts.ignore) + (recipe.ignore if recipe else []), ignore_res):
+        if not any(rx.search(n) for n in src.tensors):
+            warnings.append(f"--ignore {pat!r} matches no tensor of the source; check the pattern "
+                            "(`qstream inspect SRC --tensors` lists the names)")
+    warnings[:] = group_warnings(warnings)
 
     # NVFP4 global-scale groups: fused partners that are all quantized with a global scale.
     scale_groups: dict[str, list[str]] = {}
@@ -365,9 +395,79 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
         raise QStreamError(f"unknown output format {opts.format!r}; choose one of {', '.join(modelopt.FORMATS)}.")
     if opts.format == "modelopt":
         modelopt.apply_format(ops)  # ModelOpt names: weight / weight_scale / weight_scale_2
+    if not any(op.quantized for op in ops) and opts.mlp != "none":
+        raise QStreamError(
+            f"{src.root}: nothing would be quantized with --mlp {opts.mlp}"
+            + (f" ({warnings[-1]})" if warnings else "")
+            + "; the output would be a copy of the source. Check the plan with `qstream inspect`, "
+            "or pass --mlp none to copy on purpose.")
     shards = _assign_shards(ops, opts.max_shard_size)
+    big = [op for op in ops if op.bytes_out > opts.max_shard_size]
+    if big:
+        worst = max(big, key=lambda op: op.bytes_out)
+        warnings.append(f"--max-shard-size {opts.max_shard_size} B is smaller than {len(big)} tensor(s) (largest: "
+                        f"{worst.source.name}, {worst.bytes_out} B out); a tensor is never split, so those shards "
+                        "are larger than the limit")
     qconfig = modelopt.quantization_config(ops) if opts.format == "modelopt" else _quantization_config(ops, src.config)
     return Plan(src, opts, family.name, ops, shards, scale_groups, qconfig, warnings)
+
+
+# Quantized encodings qstream does not decode: copying them through would make a model that
+# loads random-looking weights. (FP8, gpt-oss MXFP4 and ModelOpt NVFP4 are read; see above.)
+_FOREIGN_TENSORS = (
+    (re.compile(r"\.(qweight|qzeros|g_idx)$"), "GPTQ/AWQ (qweight/qzeros/scales)"),
+    (re.compile(r"\.weight\.(absmax|quant_map|nested_absmax|quant_state\..*)$|\.SCB$|\.weight_format$"),
+     "bitsandbytes"),
+    (re.compile(r"\.weight_zero_point$"), "compressed-tensors integer (zero points)"),
+    (re.compile(r"\.weight_packed$"), "compressed-tensors packed"),
+)
+READ_QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors", "modelopt")
+
+
+def check_source_quantization(src: Checkpoint) -> None:
+    """Refuse a source whose weights are quantized in a way qstream does not read."""
+    qc = src.config.get("quantization_config")
+    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
+    cfg_fmt = str(qc.get("format", "")) if isinstance(qc, dict) else ""
+    for rx, fmt in _FOREIGN_TENSORS:
+        hit = next((n for n in src.tensors if rx.search(n)), None)
+        if hit is not None:
+            what = fmt + (f", quant_method {method}" if method else "") + (f", format {cfg_fmt}" if cfg_fmt else "")
+            raise QStreamError(
+                f"{src.root}: the source is already quantized ({what}: tensor {hit!r}); qstream does not "
+                "decode that format and would copy it through unusable: convert from the original "
+                "BF16/FP16/FP32 (or FP8) checkpoint instead.")
+    if method and not method.startswith(READ_QUANT_METHODS):
+        raise QStreamError(
+            f"{src.root}/config.json: quantization_config says quant_method {method!r}, a format qstream does not "
+            f"decode (it reads {', '.join(READ_QUANT_METHODS)} FP8 / MXFP4 / NVFP4 sources); convert from the "
+            "original BF16/FP16/FP32 checkpoint instead.")
+    if method == "compressed-tensors" and cfg_fmt and cfg_fmt not in ("float-quantized", "naive-quantized", "dense"):
+        raise QStreamError(
+            f"{src.root}/config.json: compressed-tensors format {cfg_fmt!r} is not one qstream decodes (it reads FP8 "
+            "float-quantized sources); convert from the original BF16/FP16/FP32 checkpoint instead.")
+
+
+def group_warnings(warnings: list[str]) -> list[str]:
+    """One line per kind of warning: ``name: message`` lines with the same message (layer
+    numbers aside) become ``N tensors (a, b, ... and M more): message``."""
+    groups: dict[str, list[str]] = {}
+    order: list[str] = []
+    for w in warnings:
+        name, sep, msg = w.partition(": ")
+        key = msg if sep and " " not in name else w
+        if key not in groups:
+            order.append(key)
+        groups.setdefault(key, []).append(name if sep and " " not in name else "")
+    out = []
+    for key in order:
+        names = [n for n in groups[key] if n]
+        if len(names) <= 1:
+            out.append(f"{names[0]}: {key}" if names else key)
+        else:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            out.append(f"{len(names)} tensors ({shown}): {key}")
+    return out
 
 
 FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)(?P<suffix>\.weight|_blocks|_bias)?$")
