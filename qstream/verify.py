@@ -57,6 +57,7 @@ import numpy as np
 from .errors import QStreamError
 from .modelopt import GROUP_SIZE as MO_GROUP_SIZE, HF_QUANT_CONFIG, READ_ALGOS as MO_ALGOS
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, read_header
+from .schemes.decode import decode_modelopt_nvfp4, decode_mxfp4, decode_nvfp4  # noqa: F401 (re-exported)
 from .source import INDEX_NAME
 
 SCAN_BLOCK = 32 << 20  # bytes per read while scanning for NaN/Inf
@@ -72,6 +73,9 @@ CT_ONLY_SUFFIXES = ("weight_packed", "weight_global_scale", "weight_zero_point",
 FORMAT_KIND = {"nvfp4-pack-quantized": "nvfp4", "mxfp4-pack-quantized": "mxfp4",
                "float-quantized": "fp8", "naive-quantized": "fp8"}
 MAX_PRINTED_ERRORS = 50
+# verify --source fails a tensor past this relative error unless --max-rel-error says otherwise:
+# FP4 measures about 0.08-0.12 (0.2 on outlier-heavy rows), a wrong source about 1.4.
+DEFAULT_MAX_REL_ERROR = 0.5
 
 
 # --------------------------------------------------------------------------- results
@@ -186,12 +190,17 @@ class Report:
     def ok(self) -> bool:
         return not self.errors
 
-    def check_threshold(self, max_rel_error: float) -> None:
+    def check_threshold(self, max_rel_error: float, default: bool = False) -> None:
         """Add an error for every tensor whose relative error exceeds ``max_rel_error``."""
-        for m in self.metrics or []:
+        bad = [m for m in self.metrics or [] if math.isnan(m.rel_error) or m.rel_error > max_rel_error]
+        for m in bad:
             r = m.rel_error
-            if math.isnan(r) or r > max_rel_error:
-                self.errors.append(f"{m.module}: relative error {r:.4g} exceeds --max-rel-error {max_rel_error:g}")
+            self.errors.append(f"{m.module}: relative error {r:.4g} exceeds --max-rel-error {max_rel_error:g}"
+                               + (" (the default)" if default else ""))
+        if default and bad and len(bad) * 2 > len(self.metrics or []):
+            self.errors.append(f"{self.source}: {len(bad)} of {len(self.metrics)} quantized tensors are far from "
+                               "their source weights (FP4 gives about 0.1): is --source the checkpoint DST was "
+                               "converted from?")
 
     def by(self, key: Callable[[TensorMetrics], str]) -> dict[str, dict]:
         groups: dict[str, list[TensorMetrics]] = {}
@@ -919,42 +928,6 @@ class Verifier:
         return met
 
 
-def _lut_tables():
-    from .schemes import reference
-
-    codes = np.arange(256, dtype=np.uint8)
-    pair = np.stack([reference.fp4_decode(codes & 0xF), reference.fp4_decode(codes >> 4)], -1)
-    e4m3 = codes.view(DTYPES["F8_E4M3"]).astype(np.float32)
-    with np.errstate(over="ignore"):
-        e8m0 = reference.round_to_dtype(np.exp2(codes.astype(np.float32) - np.float32(127)), reference.BF16)
-    # both values of a byte as one uint64: a 1-D lookup is ~5x faster than a [256, 2] one
-    return np.ascontiguousarray(pair, dtype=np.float32).view(np.uint64).reshape(256), e4m3, e8m0
-
-
-_FP4_PAIRS, _E4M3_VALUES, _E8M0_BF16 = _lut_tables()
-_BF16 = DTYPES["BF16"]
-
-
-def decode_nvfp4(packed: np.ndarray, scale_bits: np.ndarray, global_scale) -> np.ndarray:
-    """:func:`qstream.schemes.reference.dequantize_nvfp4` (CT's decode, bf16 values as
-    float32), bit for bit, with table lookups instead of unpacking code by code."""
-    rows, half = packed.shape
-    x = _FP4_PAIRS[packed].view(np.float32).reshape(rows, half * 2 // 16, 16)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        x *= (_E4M3_VALUES[scale_bits.view(np.uint8)] / np.float32(global_scale)).astype(np.float32)[..., None]
-    return x.reshape(rows, half * 2).astype(_BF16).astype(np.float32)
-
-
-def decode_modelopt_nvfp4(weight: np.ndarray, scale_bits: np.ndarray, weight_scale_2) -> np.ndarray:
-    """ModelOpt's decode (NVFP4QTensor.dequantize): ``fp4 * float32(float32(s) * weight_scale_2)``
-    in float32, then bfloat16 (as float32 values); the low nibble is the even column."""
-    rows, half = weight.shape
-    x = _FP4_PAIRS[weight].view(np.float32).reshape(rows, half * 2 // 16, 16)
-    with np.errstate(invalid="ignore", over="ignore"):
-        x *= (_E4M3_VALUES[scale_bits.view(np.uint8)] * np.float32(weight_scale_2)).astype(np.float32)[..., None]
-    return x.reshape(rows, half * 2).astype(_BF16).astype(np.float32)
-
-
 def _vllm_excludes(entry: str, layer: str) -> bool:
     """vLLM ModelOptQuantConfigBase.is_layer_excluded for one entry: exact, substring, fnmatch;
     with apply_vllm_mapper an entry ``x*`` (not ``x.*``) also reads as ``x`` and ``x.*``."""
@@ -963,15 +936,6 @@ def _vllm_excludes(entry: str, layer: str) -> bool:
     if len(entry) >= 2 and entry.endswith("*") and entry[-2] != ".":
         return entry[:-1] in layer or fnmatch.fnmatchcase(layer, entry[:-1] + ".*")
     return False
-
-
-def decode_mxfp4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """:func:`qstream.schemes.reference.dequantize_mxfp4`, bit for bit, with table lookups."""
-    rows, half = packed.shape
-    x = _FP4_PAIRS[packed].view(np.float32).reshape(rows, half * 2 // 32, 32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        x *= _E8M0_BF16[scale.view(np.uint8)][..., None]
-    return x.reshape(rows, half * 2).astype(_BF16).astype(np.float32)
 
 
 def _count_bad(buf: np.ndarray, dtype: str, kind: str) -> int:
@@ -1003,7 +967,15 @@ def verify(dst: str | Path, source: str | Path | None = None, *, threads: int | 
                 v.measure(str(source), pool)
     finally:
         v.reader.close()
-    if max_rel_error is not None:
+    if not v.report.modules and not v.report.errors:
+        v.report.errors.append(f"{dst}: no quantized module found (config.json has "
+                               + ("a quantization_config that matches no module" if v.config.get("quantization_config")
+                                  else "no quantization_config")
+                               + "): this is an unquantized checkpoint, not a quantized output; verify checks "
+                               "the output of `qstream convert`.")
+    if source is not None and max_rel_error is None:
+        v.report.check_threshold(DEFAULT_MAX_REL_ERROR, default=True)
+    elif max_rel_error is not None:
         v.report.check_threshold(max_rel_error)
     v.report.seconds = time.perf_counter() - t0
     return v.report
