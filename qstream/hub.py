@@ -4,7 +4,7 @@ Source: :func:`open_hub_checkpoint` resolves ``org/name[@revision]`` to one comm
 downloads config.json, the index and the small side files (into the HF cache), and
 reads every safetensors header with HTTP range requests, so the plan is made before
 any tensor byte is fetched. Each shard's ``TensorInfo.path`` is where the shard
-*will* be: its HF cache snapshot path, or ``DST/.qstream/downloads/<file>`` with
+*will* be: its HF cache snapshot path, or ``DST/.cache/huggingface/qstream/downloads/<file>`` with
 ``--low-disk``. :class:`SourceFetcher` downloads a shard when the executor first
 opens it (prefetching the next one in the background, never more than two
 unreleased shards) and, with ``--low-disk``, deletes it as soon as the executor
@@ -41,8 +41,8 @@ from .safetensors_io import ShardHeader, header_length, parse_header, read_heade
 from .source import GENERATED, INDEX_NAME, WEIGHT_SUFFIXES, Checkpoint, _load_json, collect_tensors, open_checkpoint
 from .writer import STAGING_DIR
 
-DOWNLOADS = "downloads"  # DST/.qstream/downloads: source shards fetched with --low-disk
-PUSH_STATE = "push.json"  # DST/.qstream/push.json: what an interrupted push was doing
+DOWNLOADS = "downloads"  # DST/.cache/huggingface/qstream/downloads: source shards fetched with --low-disk
+PUSH_STATE = "push.json"  # DST/.cache/huggingface/qstream/push.json: what an interrupted push was doing
 HEADER_PROBE = 256 << 10  # first range request per shard; most headers fit
 HEADER_THREADS = 8  # shard headers read concurrently
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
@@ -559,6 +559,20 @@ class HubPusher:
         self.parent = info.sha
         self.existing = {s.rfilename for s in info.siblings or []}
 
+    def validate_card(self, card: str) -> None:
+        """The Hub's own check of the card's metadata (``POST /api/validate-yaml``, which
+        create_commit would run at the very end), made before the first shard is uploaded."""
+        hf = _hf()
+        try:
+            hf.ModelCard(card).validate(repo_type="model")
+        except ValueError as e:
+            msg = " ".join(str(e).split())
+            raise QStreamError(f"{self.repo_id}: the Hub rejects the model card's metadata ({msg}); nothing was "
+                               "uploaded. Pass --base-model ORG/NAME with the Hub id of the source model, or fix "
+                               "the source README.md's metadata (license, language, ...).") from e
+        except Exception as e:
+            raise _hub_error("checking the model card's metadata", e, self.repo_id) from e
+
     def start(self) -> None:
         """Record the push in DST (so the same command resumes it) and start the uploader."""
         assert self.parent is not None, "connect() first"
@@ -671,7 +685,7 @@ class HubPusher:
         ops += [hf.CommitOperationDelete(path_in_repo=f) for f in stale]
         from . import __version__
 
-        schemes = ", ".join(sorted({op.scheme for op in plan.ops if op.kind == "quantize"})).upper() or "unquantized"
+        schemes = ", ".join(plan.schemes(converted_only=True)).upper() or "unquantized"
         base = plan.source.repo_id if isinstance(plan.source, HubCheckpoint) else plan.source.root.name
         message = self.commit_message or f"Add {base} in {schemes} (qstream {__version__})"
         description = "Converted and uploaded by qstream while converting." + (
