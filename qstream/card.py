@@ -178,8 +178,10 @@ def model_card(plan: Plan, measured: dict | None = None) -> str:
         other = [op for op in plan.ops if op.role == role and not op.quantized]
         if any(op.kind == "dequantize" for op in other):
             kinds.append("FP8 dequantized to BF16")
-        if any(op.kind in ("copy", "cast", "slice") for op in other):
+        if any(op.kind in ("copy", "cast") for op in other):
             kinds.append("kept as in the source" if not kinds else "the rest kept")
+        if any(op.kind == "slice" for op in other):
+            kinds.append("biases split per expert (same values)")
         rows.append(f"| {role} | {s.tensors} | {s.quantized} | {'; '.join(kinds)} | {human(s.bytes_in)} | {human(s.bytes_out)} |")
     kept_roles = [r for r, s in by_role.items() if s.quantized == 0 and not any(
         op.kind == "dequantize" for op in plan.ops if op.role == r)]
@@ -231,7 +233,7 @@ def model_card(plan: Plan, measured: dict | None = None) -> str:
     elif moe:
         usage_tf = []
     else:
-        usage_tf = ["transformers (with `pip install compressed-tensors`):", "", "```python",
+        usage_tf = ["transformers" + (" (with `pip install compressed-tensors`):" if fmts else ":"), "", "```python",
                     "import torch",
                     f"from transformers import {cls}", "",
                     f'model = {cls}.from_pretrained("{repo}", dtype=torch.bfloat16)', "```"]
@@ -247,7 +249,7 @@ def model_card(plan: Plan, measured: dict | None = None) -> str:
         "## Measured weight error", "",
         *_measured_rows(plan, measured), "",
         "## Use", "",
-        "vLLM (reads the quantization from config.json; no flag needed):", "",
+        ("vLLM (reads the quantization from config.json; no flag needed):" if fmts else "vLLM:"), "",
         "```", f"vllm serve {repo}", "```", "",
         *usage_tf, *([""] if usage_tf else []),
         "## Requirements", "",
@@ -256,7 +258,8 @@ def model_card(plan: Plan, measured: dict | None = None) -> str:
         "```", command, "```", "",
         (MODELOPT_NOTE if modelopt else
          "The `quantization_config` in config.json is in the compressed-tensors format, which vLLM and "
-         "transformers (with `compressed-tensors` installed) read directly."), "",
+         "transformers (with `compressed-tensors` installed) read directly." if fmts else
+         "config.json has no `quantization_config`: this is a plain checkpoint."), "",
     ]
     if text.strip():
         lines += ["## Original model card", "", text.strip(), ""]

@@ -13,11 +13,13 @@ journal by a background finisher while the next shard is converted.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import shutil
 import threading
 import time
+import warnings
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,31 +32,49 @@ from .errors import QStreamError
 from .journal import open_journal, sha256_file
 from .plan import Op, OutShard, Plan
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
-from .schemes import SCHEMES, decode, fp8
+from . import verify_decode as decode  # the FP4 decoders (compressed-tensors' decode, bit for bit)
+from .schemes import SCHEMES, fp8
 from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, write_atomic, write_json
 
+_BF16 = DTYPES["BF16"]
 BLOCK_BYTES = 16 << 20  # source bytes per work item
 COPY_CHUNK = 64 << 20
 
 
 def _kernels():
-    """The fused numba kernels; QSTREAM_KERNELS=reference selects the numpy spec instead."""
-    try:
-        if os.environ.get("QSTREAM_KERNELS") == "reference":
-            raise ImportError
-        from .schemes import kernels  # fused numba kernels
-        return kernels
-    except ImportError:
-        from types import SimpleNamespace
+    """The fused numba kernels; the numpy spec (:mod:`qstream.schemes.reference`, byte-identical,
+    far slower) when QSTREAM_KERNELS=reference asks for it or numba is not installed at all.
+    Any other failure to import the kernels is an error: a broken install must not silently
+    make a conversion ~100x slower."""
+    choice = os.environ.get("QSTREAM_KERNELS", "")
+    if choice not in ("", "numba", "reference"):
+        raise QStreamError(f"QSTREAM_KERNELS={choice!r} is not a kernel choice; set it to 'reference' "
+                           "(the numpy spec) or 'numba', or unset it.")
+    if choice != "reference":
+        try:
+            from .schemes import kernels  # fused numba kernels
+            return kernels
+        except ImportError as e:
+            if not (isinstance(e, ModuleNotFoundError) and e.name == "numba" and importlib.util.find_spec("numba") is None):
+                raise QStreamError(f"the fused kernels (qstream/schemes/kernels.py) cannot be imported "
+                                   f"({e.__class__.__name__}: {e}); repair the numba install (pip install "
+                                   "--force-reinstall numba), or set QSTREAM_KERNELS=reference to run the slow "
+                                   "numpy reference instead.") from e
+            warnings.warn("numba is not installed: qstream runs its numpy reference kernels (same bytes, "
+                          "much slower); pip install numba for the fused kernels.", RuntimeWarning, stacklevel=2)
+    from types import SimpleNamespace
 
-        from .schemes import reference
-        return SimpleNamespace(absmax=reference.tensor_absmax, quantize_nvfp4=reference.quantize_nvfp4,
-                               quantize_mxfp4=reference.quantize_mxfp4)
+    from .schemes import reference
+    return SimpleNamespace(absmax=reference.tensor_absmax, quantize_nvfp4=reference.quantize_nvfp4,
+                           quantize_mxfp4=reference.quantize_mxfp4)
 
 
 @dataclass
 class Progress:
-    """Callbacks the CLI hooks into (rich bar on a terminal, plain lines otherwise)."""
+    """Callbacks the CLI hooks into (rich bar on a terminal, plain lines otherwise).
+
+    ``on_tensor`` is called once per tensor when all its bytes are written, and ``on_shard``
+    when a shard is renamed into place; both may come from worker threads, never two at once."""
 
     on_start: Callable[[Plan], None] = lambda plan: None
     on_tensor: Callable[[Op, int], None] = lambda op, nbytes: None
@@ -114,17 +134,45 @@ class Executor:
         self.reader = ShardReader(on_open=self.hooks.fetch)
         self.k = _kernels()
         self._global_scales: dict[str, np.float32] = {}
-        self._scales: dict[str, np.ndarray] = {}
+        self._scales: dict[str, np.ndarray] = {}  # FP8 source scales of the ops being converted
+        self._scales_lock = threading.Lock()
+        self._progress_lock = threading.Lock()  # Progress callbacks come from worker threads, one at a time
         self._by_module = {op.module: op for op in plan.ops if op.scale_group}
         # (id(op), r0) -> (sum w^2, sum (w - w_hat)^2) of every block written: the card's measured error
         self._err: dict[tuple[int, int], tuple[float, float]] = {}
         self.measured: dict[str, list] = {}
 
     def _measure(self, op: Op, r0: int, w: np.ndarray, w_hat: np.ndarray) -> None:
-        """Record one block's error, decoded the way compressed-tensors decodes it."""
+        """Record one block's error against its decoded values (FP8: ``w_hat`` as given)."""
         w = np.asarray(w, dtype=np.float32)
         d = w - w_hat
         self._err[(id(op), r0)] = (float(np.dot(w.ravel(), w.ravel())), float(np.dot(d.ravel(), d.ravel())))
+
+    def _measure_fp4(self, op: Op, r0: int, x: np.ndarray, packed: np.ndarray, scale: np.ndarray, gs) -> None:
+        """Record one FP4 block's error: decoded the way compressed-tensors decodes it (FP4 x block
+        scale [/ global scale], rounded to bfloat16; :mod:`qstream.verify_decode`, bit for bit), in
+        row chunks that stay in cache, with the bf16 rounding done on the bits."""
+        rows, half = packed.shape
+        g = 16 if gs is not None else 32
+        a = b = 0.0
+        step = max(1, (256 << 10) // max(1, 8 * half))
+        for i in range(0, rows, step):
+            p = packed[i:i + step]
+            v = decode._FP4_PAIRS[p].view(np.float32).reshape(p.shape[0], half * 2 // g, g)
+            sc = scale[i:i + step].view(np.uint8)
+            v *= (decode._E4M3_VALUES[sc] / np.float32(gs)).astype(np.float32)[..., None] if gs is not None \
+                else decode._E8M0_BF16[sc][..., None]
+            u = v.view(np.uint32)  # round to nearest even bfloat16, as .astype(bfloat16) does for finite values
+            u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+            u &= np.uint32(0xFFFF0000)
+            xs = x[i:i + step]
+            w = (xs.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32) if xs.dtype == _BF16 \
+                else xs.astype(np.float32, copy=False)
+            w = w.reshape(v.shape)
+            v -= w
+            a += float(np.dot(w.ravel(), w.ravel()))
+            b += float(np.dot(v.ravel(), v.ravel()))
+        self._err[(id(op), r0)] = (a, b)
 
     def _shard_measured(self, ops: list[Op]) -> dict[str, list]:
         """Per "role/scheme": [sum w^2, sum err^2, tensors] over one shard's ops, summed in plan order
@@ -163,11 +211,20 @@ class Executor:
             yield r0, min(rows, r0 + step)
 
     def _scale(self, op: Op) -> np.ndarray:
-        s = self._scales.get(op.src_scale.name)
-        if s is None:
-            s = self.reader.read(op.src_scale).astype(np.float32)
-            self._scales[op.src_scale.name] = s
-        return s
+        """The op's FP8 source scale as float32, read once for all the pool threads that need it
+        (scale tensors are small: the lock is held while reading) and kept until :meth:`forget`."""
+        with self._scales_lock:
+            s = self._scales.get(op.src_scale.name)
+            if s is None:
+                s = self.reader.read(op.src_scale).astype(np.float32)
+                self._scales[op.src_scale.name] = s
+            return s
+
+    def forget(self, op: Op) -> None:
+        """The op is done with its source: drop its cached FP8 scale."""
+        if op.src_scale is not None:
+            with self._scales_lock:
+                self._scales.pop(op.src_scale.name, None)
 
     def read_view(self, info: TensorInfo, op: Op, r0: int, r1: int) -> np.ndarray:
         """Rows [r0, r1) of a view's [count, ...] matrix from one expert of a fused tensor."""
@@ -237,6 +294,9 @@ class Executor:
 
             members = [self._by_module[n] for n in self.plan.scale_groups[key]]
             amax = max(self.tensor_absmax(m) for m in members)
+            for m in members:  # the partners' own ops read their scales again when they run
+                if m is not op:
+                    self.forget(m)
             dtype = np.float32 if op.src_scale is not None or op.layout else DTYPES[op.source.dtype].type
             gs = reference.nvfp4_global_scale(amax, dtype)
             self._global_scales[key] = gs
@@ -316,10 +376,9 @@ class Executor:
                 raise self._nonfinite(op)
             if gs is not None:
                 packed, scale = k.quantize_nvfp4(x, gs, search=search)
-                self._measure(op, r0, x, decode.decode_nvfp4(packed, scale, gs))
             else:
                 packed, scale = k.quantize_mxfp4(x, search=search)
-                self._measure(op, r0, x, decode.decode_mxfp4(packed, scale))
+            self._measure_fp4(op, r0, x, packed, scale, gs)
             w.pwrite(packed_t.offset + r0 * (cols // 2), packed)
             w.pwrite(scale_t.offset + r0 * groups, scale)
 
@@ -362,8 +421,9 @@ class Executor:
                 if shard.filename in journal.shards:
                     resumed += 1
                     measured.append(journal.shards[shard.filename].get("measured") or {})
-                    for op in ops:
-                        progress.on_tensor(op, op.bytes_in)
+                    with self._progress_lock:  # a finisher thread may be reporting a shard meanwhile
+                        for op in ops:
+                            progress.on_tensor(op, op.bytes_in)
                     written.append(dst / shard.filename)
                     progress.on_note(f"{shard.filename}: already done (checksum verified), kept")
                     self._release(to_release)
@@ -377,11 +437,19 @@ class Executor:
                     remaining = [len(items)]
                     lock = threading.Lock()
 
-                    def item_done(_f, op=op, remaining=remaining, lock=lock):
+                    failed = [False]
+
+                    def item_done(_f, op=op, remaining=remaining, lock=lock, failed=failed):
                         slots.release()
                         with lock:
                             remaining[0] -= 1
                             last = remaining[0] == 0
+                            failed[0] = failed[0] or _f.cancelled() or _f.exception() is not None
+                        if last:
+                            self.forget(op)
+                            if not failed[0]:  # every byte of the tensor is written: now it counts
+                                with self._progress_lock:
+                                    progress.on_tensor(op, op.bytes_in)
                         if last and op.view is None:  # its source bytes are done with: drop their pages now
                             for t in (op.source, op.src_scale):
                                 if t is not None:
@@ -395,7 +463,6 @@ class Executor:
                         if f.done() and f.exception():
                             break
                     self._raise_first(futures)
-                    progress.on_tensor(op, op.bytes_in)
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 self._raise_first(futures)
                 for op in ops:  # the source bytes of this shard are done with: keep the page cache flat
@@ -436,6 +503,8 @@ class Executor:
             pool.shutdown(wait=True)
             finisher.shutdown(wait=True)
             self.reader.close()
+            with self._scales_lock:
+                self._scales.clear()
         return Result(
             seconds=time.perf_counter() - t0,
             bytes_in=plan.bytes_in,
@@ -462,7 +531,8 @@ class Executor:
         path = sw.finish()
         journal.record(shard.filename, path.stat().st_size, sha256_file(path), measured=measured)
         drop_pages(path)
-        progress.on_shard(path)
+        with self._progress_lock:
+            progress.on_shard(path)
         self.hooks.shard_done(path)
         return path
 

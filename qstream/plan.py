@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
+from .checkpoint import Checkpoint
 from .errors import QStreamError
-from .roles import ROLES, Classifier, Recipe, load_families, select_family
-from .safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header, dtype_size
+from .ops import Op, OutShard, OutTensor, View
+from .plan_checks import (check_something_quantized, check_source_quantization, group_warnings, oversized_tensors,
+                          unknown_family_warning, unmatched_ignores)
+from .roles import ROLES, Classifier, Family, Recipe, load_families, select_family
+from .safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header
 from .schemes import SCHEMES, Scheme, fp8_group_args
 from .schemes.reference import SEARCH_MODES
-from .source import Checkpoint
 
 SHARD_METADATA = {"format": "pt"}
 
@@ -44,134 +47,6 @@ class Options:
             "max_shard_size": self.max_shard_size,
             "scale_search": self.scale_search,
         }
-
-
-@dataclass
-class OutTensor:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    shard: int = -1
-    offset: int = -1  # within the shard's data section
-
-    @property
-    def nbytes(self) -> int:
-        n = dtype_size(self.dtype)
-        for d in self.shape:
-            n *= d
-        return n
-
-
-@dataclass(frozen=True)
-class View:
-    """A 2-D Linear weight [count, in_dim] cut out of a fused 3-D expert tensor.
-
-    The source holds expert ``expert`` as a [out_total, in_dim] slab (or [in_dim,
-    out_total] when ``transpose``); the view takes ``count`` output rows starting
-    at ``start`` with stride ``step`` (2 for gpt-oss's interleaved gate/up).
-    """
-
-    expert: int
-    transpose: bool
-    start: int
-    step: int
-    count: int
-    in_dim: int
-
-
-@dataclass
-class Op:
-    # "copy" | "cast" (small tensor to F32) | "quantize" (FP4) | "fp8" | "dequantize" (FP8 -> BF16)
-    # | "repack" (gpt-oss MXFP4 rows -> compressed-tensors MXFP4) | "slice" (per-expert bias)
-    kind: str
-    role: str
-    source: TensorInfo
-    outputs: list[OutTensor]
-    scheme: str | None = None  # FP4 scheme of a "quantize" op
-    scale_group: str | None = None  # NVFP4: tensors sharing one global scale
-    note: str = ""
-    # FP8 source of a "quantize"/"dequantize" op: w = fp8 * scale, per tensor, channel or block
-    src_scale: TensorInfo | None = None
-    layout: str | None = None
-    block: tuple[int, int] | None = None
-    # how the module is described in quantization_config (None: unquantized)
-    module_scheme: str | None = None
-    # fused 3-D experts: which expert / rows this op takes, and the module it writes
-    view: View | None = None
-    out_module: str | None = None
-
-    @property
-    def module(self) -> str:
-        return self.out_module or self.source.name.removesuffix(".weight")
-
-    @property
-    def bytes_in(self) -> int:
-        """Source bytes this op accounts for (a view: its share of the fused tensor)."""
-        if self.view is not None:
-            if self.layout == "mxfp4":
-                return self.view.count * (self.view.in_dim // 2 + self.view.in_dim // 32)
-            return self.view.count * self.view.in_dim * dtype_size(self.source.dtype)
-        return self.source.nbytes + (self.src_scale.nbytes if self.src_scale is not None else 0)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The logical shape this op reads: a view's [count, in_dim], else the source's."""
-        if self.view is not None:
-            return (self.view.count, self.view.in_dim)
-        return self.source.shape
-
-    @property
-    def bytes_out(self) -> int:
-        return sum(o.nbytes for o in self.outputs)
-
-    @property
-    def quantized(self) -> bool:
-        """The one rule for "quantized" (tables, card, summary, commit message): the op writes a
-        weight that quantization_config describes (FP4 quantized or repacked, FP8 made or kept)."""
-        return self.module_scheme is not None
-
-    @property
-    def converted(self) -> bool:
-        """Quantized by this run (FP4 from floats or FP8, FP8 from floats, an FP4 repack), as
-        opposed to an FP8 weight kept as the source has it."""
-        return self.quantized and (self.kind != "copy" or self.layout == "modelopt")
-
-    @property
-    def action(self) -> str:
-        """A short label for tables: what happens to this tensor."""
-        if self.layout == "modelopt":
-            return "nvfp4 repack (modelopt)"
-        if self.kind == "repack":
-            return "mxfp4 repack"
-        if self.kind == "slice":
-            return "split per expert"
-        if self.kind == "quantize":
-            src = {"mxfp4": " (from mxfp4)", None: ""}.get(self.layout, " (from fp8)")
-            return self.scheme + src + (" per expert" if self.view else "")
-        if self.kind == "fp8":
-            return "fp8 dynamic"
-        if self.kind == "dequantize":
-            return "fp8 -> bf16"
-        if self.module_scheme is not None:
-            return "fp8 kept"
-        if self.kind == "cast":
-            return "scale -> f32"
-        return "passthrough" if self.source.name == self.outputs[0].name else "renamed"
-
-
-@dataclass
-class OutShard:
-    filename: str
-    tensors: list[OutTensor] = field(default_factory=list)
-    header: bytes = b""
-
-    @property
-    def data_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def file_bytes(self) -> int:
-        return len(self.header) + self.data_bytes
 
 
 @dataclass
@@ -215,14 +90,11 @@ class Plan:
         return {r: s for r, s in out.items() if s.tensors}
 
     @property
-    def quantized(self) -> int:
-        """How many tensors are quantized (:attr:`Op.quantized`)."""
+    def quantized(self) -> int:  # how many tensors are quantized (Op.quantized)
         return sum(op.quantized for op in self.ops)
 
-    def schemes(self, converted_only: bool = False) -> list[str]:
-        """The formats of the quantized weights: nvfp4, mxfp4, fp8 (sorted)."""
-        return sorted({op.module_scheme.split(":")[0] for op in self.ops
-                       if op.quantized and (op.converted or not converted_only)})
+    def schemes(self, converted_only: bool = False) -> list[str]:  # formats of the quantized weights, sorted
+        return sorted({op.module_scheme.split(":")[0] for op in self.ops if op.converted or op.quantized > converted_only})
 
     def fingerprint(self) -> str:
         """Identity of the output this plan produces: source identity, options, version."""
@@ -343,12 +215,7 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
             raise QStreamError(f"--ignore {pat!r} is not a valid regex ({e}).") from e
     warnings: list[str] = []
     if family.name == "generic":
-        from .roles import _model_identity
-
-        archs, types = _model_identity(src.config)
-        what = ", ".join(archs + types) or "none given in config.json"
-        warnings.append(f"architecture {what} is not one qstream knows (formats/*.toml); the generic name rules "
-                        "decide each tensor's role: check the plan with `qstream inspect`, or pass --recipe")
+        warnings.append(unknown_family_warning(src.config))
     check_source_quantization(src)
     fp8 = find_fp8_weights(src.tensors, src.config)
     consumed = {t.name for f in fp8.values() for t in (f.scale, f.input_scale) if t is not None}
@@ -370,11 +237,8 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
         role = classifier.role(info.name)
         scheme = _scheme_for(role, opts, recipe)
         ops.extend(_plan_tensor(info, role, scheme, fp8.get(info.name), opts, ignore_res, warnings))
-    for pat, rx in zip(list(opts.ignore) + (recipe.ignore if recipe else []), ignore_res):
-        if not any(rx.search(n) for n in src.tensors):
-            warnings.append(f"--ignore {pat!r} matches no tensor of the source; check the pattern "
-                            "(`qstream inspect SRC --tensors` lists the names)")
-    warnings[:] = group_warnings(warnings)
+    warnings[:] = group_warnings(warnings) + unmatched_ignores(
+        list(opts.ignore) + (recipe.ignore if recipe else []), ignore_res, src.tensors)
 
     # NVFP4 global-scale groups: fused partners that are all quantized with a global scale.
     scale_groups: dict[str, list[str]] = {}
@@ -395,79 +259,11 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
         raise QStreamError(f"unknown output format {opts.format!r}; choose one of {', '.join(modelopt.FORMATS)}.")
     if opts.format == "modelopt":
         modelopt.apply_format(ops)  # ModelOpt names: weight / weight_scale / weight_scale_2
-    if not any(op.quantized for op in ops) and opts.mlp != "none":
-        raise QStreamError(
-            f"{src.root}: nothing would be quantized with --mlp {opts.mlp}"
-            + (f" ({warnings[-1]})" if warnings else "")
-            + "; the output would be a copy of the source. Check the plan with `qstream inspect`, "
-            "or pass --mlp none to copy on purpose.")
+    check_something_quantized(src, opts, ops, warnings)
     shards = _assign_shards(ops, opts.max_shard_size)
-    big = [op for op in ops if op.bytes_out > opts.max_shard_size]
-    if big:
-        worst = max(big, key=lambda op: op.bytes_out)
-        warnings.append(f"--max-shard-size {opts.max_shard_size} B is smaller than {len(big)} tensor(s) (largest: "
-                        f"{worst.source.name}, {worst.bytes_out} B out); a tensor is never split, so those shards "
-                        "are larger than the limit")
-    qconfig = modelopt.quantization_config(ops) if opts.format == "modelopt" else _quantization_config(ops, src.config)
+    warnings += oversized_tensors(ops, opts.max_shard_size)
+    qconfig = modelopt.quantization_config(ops) if opts.format == "modelopt" else _quantization_config(ops, src.config, family)
     return Plan(src, opts, family.name, ops, shards, scale_groups, qconfig, warnings)
-
-
-# Quantized encodings qstream does not decode: copying them through would make a model that
-# loads random-looking weights. (FP8, gpt-oss MXFP4 and ModelOpt NVFP4 are read; see above.)
-_FOREIGN_TENSORS = (
-    (re.compile(r"\.(qweight|qzeros|g_idx)$"), "GPTQ/AWQ (qweight/qzeros/scales)"),
-    (re.compile(r"\.weight\.(absmax|quant_map|nested_absmax|quant_state\..*)$|\.SCB$|\.weight_format$"),
-     "bitsandbytes"),
-    (re.compile(r"\.weight_zero_point$"), "compressed-tensors integer (zero points)"),
-    (re.compile(r"\.weight_packed$"), "compressed-tensors packed"),
-)
-READ_QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors", "modelopt")
-
-
-def check_source_quantization(src: Checkpoint) -> None:
-    """Refuse a source whose weights are quantized in a way qstream does not read."""
-    qc = src.config.get("quantization_config")
-    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
-    cfg_fmt = str(qc.get("format", "")) if isinstance(qc, dict) else ""
-    for rx, fmt in _FOREIGN_TENSORS:
-        hit = next((n for n in src.tensors if rx.search(n)), None)
-        if hit is not None:
-            what = fmt + (f", quant_method {method}" if method else "") + (f", format {cfg_fmt}" if cfg_fmt else "")
-            raise QStreamError(
-                f"{src.root}: the source is already quantized ({what}: tensor {hit!r}); qstream does not "
-                "decode that format and would copy it through unusable: convert from the original "
-                "BF16/FP16/FP32 (or FP8) checkpoint instead.")
-    if method and not method.startswith(READ_QUANT_METHODS):
-        raise QStreamError(
-            f"{src.root}/config.json: quantization_config says quant_method {method!r}, a format qstream does not "
-            f"decode (it reads {', '.join(READ_QUANT_METHODS)} FP8 / MXFP4 / NVFP4 sources); convert from the "
-            "original BF16/FP16/FP32 checkpoint instead.")
-    if method == "compressed-tensors" and cfg_fmt and cfg_fmt not in ("float-quantized", "naive-quantized", "dense"):
-        raise QStreamError(
-            f"{src.root}/config.json: compressed-tensors format {cfg_fmt!r} is not one qstream decodes (it reads FP8 "
-            "float-quantized sources); convert from the original BF16/FP16/FP32 checkpoint instead.")
-
-
-def group_warnings(warnings: list[str]) -> list[str]:
-    """One line per kind of warning: ``name: message`` lines with the same message (layer
-    numbers aside) become ``N tensors (a, b, ... and M more): message``."""
-    groups: dict[str, list[str]] = {}
-    order: list[str] = []
-    for w in warnings:
-        name, sep, msg = w.partition(": ")
-        key = msg if sep and " " not in name else w
-        if key not in groups:
-            order.append(key)
-        groups.setdefault(key, []).append(name if sep and " " not in name else "")
-    out = []
-    for key in order:
-        names = [n for n in groups[key] if n]
-        if len(names) <= 1:
-            out.append(f"{names[0]}: {key}" if names else key)
-        else:
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            out.append(f"{len(names)} tensors ({shown}): {key}")
-    return out
 
 
 FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)(?P<suffix>\.weight|_blocks|_bias)?$")
@@ -683,37 +479,63 @@ def _assign_shards(ops: list[Op], max_size: int) -> list[OutShard]:
 
 # --------------------------------------------------------------------------- config
 
-def _generalize(names: list[str], forbidden: list[str]) -> list[str]:
-    """Compact module names into anchored `re:` patterns that match no forbidden name.
+def _generalize(names: list[str], forbidden: list[str], family: Family) -> list[str]:
+    """Compact module names into ``re:`` patterns that every runtime resolves alike.
 
-    Layer indices become \\d+, then names differing only in their last component
-    are merged into one alternation. Any pattern that would also match a
-    forbidden (quantized) module falls back to the exact names it covers.
+    Layer indices become ``\\d+`` and names differing only in their last component
+    share one alternation. A pattern is anchored at the end only, and starts at a
+    dot (``re:(?:.*\\.)?tail$``), with the shortest tail that matches every member
+    and no forbidden module under both namings: transformers' (the checkpoint's
+    names) and vLLM's (the architecture's ``hf_to_vllm_mapper``, which vLLM applies
+    to plain config names but not to ``re:`` entries). Where no tail does, the
+    exact names are kept (a plain name that vLLM cannot map onto its own module
+    name, such as ``lm_head`` of a multimodal model, becomes a pattern instead).
     """
-    def split(n: str) -> tuple[str, str]:
-        head, _, last = n.rpartition(".")
-        return head, last
+    def aliases(n: str) -> set[str]:
+        return {n, family.vllm_module(n)}
+
+    forb = {a for f in forbidden for a in aliases(f)}
+
+    def safe(pat: str, members: list[str]) -> bool:
+        rx = re.compile(pat)
+        return all(rx.match(a) for m in members for a in aliases(m)) and not any(rx.match(f) for f in forb)
+
+    def tail_pattern(comps: list[str], last_re: str, members: list[str]) -> str | None:
+        for k in range(len(comps), -1, -1):  # shortest tail first, with one named component if any
+            if k == len(comps) and comps or all(c == "<N>" for c in comps[k:]) and any(c != "<N>" for c in comps):
+                continue
+            tail = "".join(re.escape(c).replace(re.escape("<N>"), r"\d+") + r"\." for c in comps[k:])
+            pat = r"(?:.*\.)?" + tail + last_re + "$"
+            if safe(pat, members):
+                return pat
+        return None
 
     by_head: dict[str, dict[str, list[str]]] = {}
     for n in names:
-        head, last = split(n)
+        head, _, last = n.rpartition(".")
         ghead = re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "<N>", head)
         by_head.setdefault(ghead, {}).setdefault(last, []).append(n)
     out: list[str] = []
     for ghead, lasts in by_head.items():
         members = [n for ns in lasts.values() for n in ns]
-        if len(members) == 1 and "<N>" not in ghead:
+        if len(members) == 1 and "<N>" not in ghead and family.vllm_plain_entry(members[0]) == family.vllm_module(members[0]):
             out.append(members[0])
             continue
-        esc = re.escape(ghead).replace(re.escape("<N>"), r"\d+")
         alts = sorted(lasts)
         last_re = re.escape(alts[0]) if len(alts) == 1 else "(" + "|".join(re.escape(a) for a in alts) + ")"
-        pat = f"^{esc}\\.{last_re}$" if ghead else f"^{last_re}$"
-        rx = re.compile(pat)
-        if any(rx.match(f) for f in forbidden) or not all(rx.match(m) for m in members):
-            out.extend(members)
-        else:
+        pat = tail_pattern(ghead.split(".") if ghead else [], last_re, members)
+        if pat is not None:
             out.append("re:" + pat)
+            continue
+        for m in members:
+            if family.vllm_plain_entry(m) == family.vllm_module(m):
+                out.append(m)
+            else:
+                one = tail_pattern(m.split(".")[:-1], re.escape(m.rpartition(".")[2]), [m])
+                if one is None:
+                    raise QStreamError(f"module {m!r}: no config name resolves it to the right scheme in both "
+                                       "transformers and vLLM; please report this model.")
+                out.append("re:" + one)
     return out
 
 
@@ -728,7 +550,7 @@ def _group_for(key: str) -> dict:
     return fp8_group_args(parts[1], block, static_input="static" in parts)
 
 
-def _quantization_config(ops: list[Op], config: dict) -> dict | None:
+def _quantization_config(ops: list[Op], config: dict, family: Family) -> dict | None:
     described = [op for op in ops if op.module_scheme is not None]
     if not described:
         return None
@@ -746,14 +568,14 @@ def _quantization_config(ops: list[Op], config: dict) -> dict | None:
     # A tied lm_head has no tensor of its own but is still a Linear module.
     if "lm_head" not in q_modules and "lm_head" not in unq:
         unq.append("lm_head")
-    ignore = _generalize(unq, q_modules)
+    ignore = _generalize(unq, q_modules, family)
     groups = {}
     for i, key in enumerate(keys):
         if len(keys) == 1:
             targets = ["Linear"]
         else:
             targets = _generalize([op.module for op in described if op.module_scheme == key],
-                                  [op.module for op in described if op.module_scheme != key] + unq)
+                                  [op.module for op in described if op.module_scheme != key] + unq, family)
         g = _group_for(key)
         groups[f"group_{i}"] = {
             "targets": targets,

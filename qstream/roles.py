@@ -36,6 +36,30 @@ class Family:
     source: str = ""
     experts_layout: str = "out_in"  # fused 3-D experts: [E, out, in] ("out_in") or [E, in, out] ("in_out")
     experts_interleaved: bool = False  # gate/up interleaved in the out axis (gpt-oss)
+    # vLLM's hf_to_vllm_mapper for the architecture, as far as it renames modules
+    # ([vllm_names] prefix / substr): config names must match under both namings.
+    vllm_prefix: dict[str, str] = field(default_factory=dict)
+    vllm_substr: dict[str, str] = field(default_factory=dict)
+
+    def vllm_module(self, module: str) -> str:
+        """The name vLLM gives module ``module`` (its weights' names, mapped by the
+        architecture's ``hf_to_vllm_mapper``, less the parameter name)."""
+        return self._vllm_map(module + ".")[:-1]
+
+    def vllm_plain_entry(self, entry: str) -> str:
+        """What vLLM turns a plain (non-``re:``) config entry into: it maps entries
+        that contain a dot with the same mapper, and leaves the others as they are
+        (vllm compressed_tensors.py ``apply_vllm_mapper``)."""
+        return self._vllm_map(entry) if "." in entry else entry
+
+    def _vllm_map(self, key: str) -> str:
+        for sub, new in self.vllm_substr.items():
+            if sub in key:
+                key = key.replace(sub, new, 1)
+        for pre, new in self.vllm_prefix.items():
+            if key.startswith(pre):
+                key = key.replace(pre, new, 1)
+        return key
 
 
 def _parse_family(text: str, source: str) -> Family:
@@ -70,12 +94,28 @@ def _parse_family(text: str, source: str) -> Family:
         source=source,
         experts_layout=str(data.get("experts_layout", "out_in")),
         experts_interleaved=bool(data.get("experts_interleaved", False)),
+        vllm_prefix=dict(data.get("vllm_names", {}).get("prefix", {})),
+        vllm_substr=dict(data.get("vllm_names", {}).get("substr", {})),
     )
+
+
+def _formats_dir():
+    """The family data files: the ``qstream.formats`` resources of an installed qstream (pyproject
+    maps formats/ there), else the formats/ folder next to the package in a source checkout."""
+    try:
+        return resources.files("qstream.formats")
+    except ModuleNotFoundError:
+        pass
+    checkout = Path(__file__).resolve().parent.parent / "formats"
+    if not checkout.is_dir():
+        raise QStreamError(f"qstream's model-family files are missing (no qstream.formats package and no {checkout}); "
+                           "reinstall qstream (pip install qstream) or run it from a complete source checkout.")
+    return checkout
 
 
 def load_families() -> dict[str, Family]:
     out = {}
-    for entry in sorted(resources.files("qstream.formats").iterdir(), key=lambda p: p.name):
+    for entry in sorted(_formats_dir().iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".toml"):
             fam = _parse_family(entry.read_text(encoding="utf-8"), f"formats/{entry.name}")
             out[fam.name] = fam

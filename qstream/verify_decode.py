@@ -1,16 +1,16 @@
-"""Decoders of the packed FP4 formats, bit for bit as compressed-tensors (and ModelOpt) decode
-them: table lookups, fast enough to measure every block that convert writes and every tensor
-that verify reads back."""
+"""Fast decoders of the FP4 formats `qstream verify` reads back (table lookups, bit for bit
+the specs in :mod:`qstream.schemes.reference`): compressed-tensors NVFP4 and MXFP4, and
+ModelOpt NVFP4 with its own formula."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..safetensors_io import DTYPES
+from .safetensors_io import DTYPES
 
 
 def _lut_tables():
-    from . import reference
+    from .schemes import reference
 
     codes = np.arange(256, dtype=np.uint8)
     pair = np.stack([reference.fp4_decode(codes & 0xF), reference.fp4_decode(codes >> 4)], -1)
@@ -52,5 +52,3 @@ def decode_mxfp4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         x *= _E8M0_BF16[scale.view(np.uint8)][..., None]
     return x.reshape(rows, half * 2).astype(_BF16).astype(np.float32)
-
-
