@@ -33,10 +33,9 @@ from .journal import open_journal, sha256_file
 from .plan import Op, OutShard, Plan
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
 from . import verify_decode as decode  # the FP4 decoders (compressed-tensors' decode, bit for bit)
-from .schemes import SCHEMES, fp8
+from .schemes import SCHEMES, fp8, measure
 from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, write_atomic, write_json
 
-_BF16 = DTYPES["BF16"]
 BLOCK_BYTES = 16 << 20  # source bytes per work item
 COPY_CHUNK = 64 << 20
 
@@ -149,30 +148,9 @@ class Executor:
         self._err[(id(op), r0)] = (float(np.dot(w.ravel(), w.ravel())), float(np.dot(d.ravel(), d.ravel())))
 
     def _measure_fp4(self, op: Op, r0: int, x: np.ndarray, packed: np.ndarray, scale: np.ndarray, gs) -> None:
-        """Record one FP4 block's error: decoded the way compressed-tensors decodes it (FP4 x block
-        scale [/ global scale], rounded to bfloat16; :mod:`qstream.verify_decode`, bit for bit), in
-        row chunks that stay in cache, with the bf16 rounding done on the bits."""
-        rows, half = packed.shape
-        g = 16 if gs is not None else 32
-        a = b = 0.0
-        step = max(1, (256 << 10) // max(1, 8 * half))
-        for i in range(0, rows, step):
-            p = packed[i:i + step]
-            v = decode._FP4_PAIRS[p].view(np.float32).reshape(p.shape[0], half * 2 // g, g)
-            sc = scale[i:i + step].view(np.uint8)
-            v *= (decode._E4M3_VALUES[sc] / np.float32(gs)).astype(np.float32)[..., None] if gs is not None \
-                else decode._E8M0_BF16[sc][..., None]
-            u = v.view(np.uint32)  # round to nearest even bfloat16, as .astype(bfloat16) does for finite values
-            u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-            u &= np.uint32(0xFFFF0000)
-            xs = x[i:i + step]
-            w = (xs.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32) if xs.dtype == _BF16 \
-                else xs.astype(np.float32, copy=False)
-            w = w.reshape(v.shape)
-            v -= w
-            a += float(np.dot(w.ravel(), w.ravel()))
-            b += float(np.dot(v.ravel(), v.ravel()))
-        self._err[(id(op), r0)] = (a, b)
+        """Record one FP4 block's error, decoded the way compressed-tensors decodes it
+        (:func:`qstream.schemes.measure.fp4_error`: one fused pass, no decoded copy)."""
+        self._err[(id(op), r0)] = measure.fp4_error(x, packed, scale, gs, decode._E8M0_BF16)
 
     def _shard_measured(self, ops: list[Op]) -> dict[str, list]:
         """Per "role/scheme": [sum w^2, sum err^2, tensors] over one shard's ops, summed in plan order
