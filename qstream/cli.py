@@ -71,20 +71,24 @@ def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, 
     opts = Options(mlp=mlp, attn=attn, ignore=tuple(ignore), recipe=recipe, max_shard_size=parse_size(max_shard_size),
                    format=fmt, scale_search=scale_search)
     plan = make_plan(ckpt, opts)
-    plan.command = card_command(sys.argv[1:])
+    plan.command = card_command(sys.argv[1:], getattr(ckpt, "repo_id", None) or None)
     return plan
 
 
 # Options that do not change the output: left out of the command recorded in the model
 # card, so that a resumed run, another --threads or a push writes the same card.
-_RUN_ONLY_FLAGS = {"--resume", "--overwrite", "-q", "--quiet", "--dry-run", "--low-disk", "--private"}
+_RUN_ONLY_FLAGS = {"--resume", "--overwrite", "-q", "--quiet", "--dry-run", "--low-disk", "--private", "--skip-space-check"}
 _RUN_ONLY_VALUES = {"--threads", "--push-to-hub", "--push-revision", "--commit-message"}
 
 
-def card_command(argv: list[str]) -> str:
-    """The command line for the model card, without the run-only options."""
+def card_command(argv: list[str], src_name: str | None = None) -> str:
+    """The command line for the model card, without the run-only options and without local
+    paths: a local SRC reads ``SRC`` (a Hub SRC keeps its id), DST reads ``OUT``, a recipe file
+    its file name."""
     out: list[str] = []
     skip = False
+    positional = 0
+    path_value = False
     for a in argv:
         if skip:
             skip = False
@@ -95,8 +99,44 @@ def card_command(argv: list[str]) -> str:
         if name in _RUN_ONLY_VALUES:
             skip = "=" not in a
             continue
+        if path_value:
+            path_value = False
+            out.append(Path(a).name)
+            continue
+        if name == "--recipe":
+            if "=" in a:
+                out.append("--recipe=" + Path(a.split("=", 1)[1]).name)
+            else:
+                out.append(a)
+                path_value = True
+            continue
+        if not a.startswith("-") and out and out[-1].startswith("--") and "=" not in out[-1] and \
+                out[-1] not in _FLAGS:
+            out.append(a)  # an option's value
+            continue
+        if not a.startswith("-") and len(out) >= 1 and out[0] in ("convert", "inspect") and positional < 2:
+            positional += 1
+            out.append((src_name or "SRC") if positional == 1 else "OUT")
+            continue
         out.append(a)
     return "qstream " + " ".join(shlex.quote(a) for a in out) if out else ""
+
+
+_FLAGS = {"--dry-run", "--tensors", "--json"} | _RUN_ONLY_FLAGS
+
+
+def _space_needed(plan: Plan, dst: Path, low_disk: bool, push: bool = False) -> int:
+    """Bytes DST's device must have free: the output shards not yet there (with --low-disk and
+    --push-to-hub only two at a time), plus the two largest source shards --low-disk downloads
+    into DST."""
+    sizes = [s.file_bytes for s in plan.shards
+             if not ((dst / s.filename).is_file() and (dst / s.filename).stat().st_size == s.file_bytes)]
+    need = sum(sorted(sizes, reverse=True)[:2]) if low_disk and push else sum(sizes)
+    if low_disk:
+        remote = getattr(plan.source, "remote", {}) or {}
+        src_sizes = getattr(plan.source, "sizes", {}) or {}
+        need += sum(sorted((src_sizes.get(p, 0) for p in remote), reverse=True)[:2])
+    return need
 
 
 def print_plan(plan: Plan, console: Console, tensors: bool = False) -> None:
@@ -116,7 +156,7 @@ def print_plan(plan: Plan, console: Console, tensors: bool = False) -> None:
         t.add_row(role, str(s.tensors), str(s.quantized), action, human(s.bytes_in), human(s.bytes_out),
                   f"{s.bytes_in / s.bytes_out:.2f}x" if s.bytes_out else "-")
     t.add_section()
-    t.add_row("total", str(len(plan.ops)), str(sum(op.kind == "quantize" for op in plan.ops)), "",
+    t.add_row("total", str(len(plan.ops)), str(plan.quantized), "",
               human(plan.bytes_in), human(plan.bytes_out),
               f"{plan.bytes_in / plan.bytes_out:.2f}x" if plan.bytes_out else "-")
     console.print(t)
@@ -134,7 +174,7 @@ def print_plan(plan: Plan, console: Console, tensors: bool = False) -> None:
             tt.add_row(op.source.name, op.role, action, ins, outs, str(op.outputs[0].shard + 1))
         console.print(tt)
     for w in plan.warnings:
-        err.print(f"[yellow]warning:[/] {w}")
+        err.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
 
 
 def plan_json(plan: Plan) -> dict:
@@ -208,29 +248,45 @@ def inspect(src, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, t
 @click.option("--push-revision", metavar="BRANCH", default=None,
               help="With --push-to-hub: the branch to commit to (created from main if missing; default main).")
 @click.option("--commit-message", default=None, help="With --push-to-hub: the commit title.")
+@click.option("--base-model", metavar="ORG/NAME", default=None,
+              help="The Hub model the source is (the card's base_model). Default: the Hub SRC itself, or "
+                   "config.json's _name_or_path when it is a Hub id; otherwise the card has none (with a warning).")
+@click.option("--skip-space-check", is_flag=True,
+              help="Do not refuse to start when DST's device reports less free space than the output needs (for "
+                   "file systems whose free space is not what fits: compressed, deduplicated or network ones).")
 def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, dry_run, overwrite, resume, threads, quiet,
-            revision, low_disk, push_to_hub, private, push_revision, commit_message):
+            revision, low_disk, push_to_hub, private, push_revision, commit_message, base_model, skip_space_check):
     """Convert SRC (a checkpoint folder, or a Hub repo id like org/name) into DST (a new folder)."""
     from .convert import Executor
     from .hub import DOWNLOADS, DiskMeter, HubHooks, HubPusher, push_resumable, source_label
     from .progress import make_progress
-    from .writer import STAGING_DIR, prepare_dst
+    from .card import base_model_of, is_hub_id, model_card
+    from .writer import STAGING_DIR, check_dst, prepare_dst
 
     for flag, value in (("--private", private), ("--push-revision", push_revision), ("--commit-message", commit_message)):
         if value and not push_to_hub:
             raise click.UsageError(f"{flag} needs --push-to-hub.")
+    if base_model is not None and not is_hub_id(base_model):
+        raise QStreamError(f"--base-model {base_model!r} is not a Hub model id; pass ORG/NAME as on huggingface.co.")
     console = _console(quiet)
     download_dir = (Path(dst) / STAGING_DIR / DOWNLOADS).absolute() if low_disk else None
     plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, download_dir=download_dir,
                       scale_search=scale_search)
+    plan.base_model = base_model
+    plan.serve_name = push_to_hub
+    _, no_base = base_model_of(plan)
+    if no_base and push_to_hub:
+        plan.warnings.append(no_base)
+    dstp = Path(dst)
+    need = 0 if skip_space_check else _space_needed(plan, dstp, low_disk, bool(push_to_hub))
     if dry_run:
         print_plan(plan, console)
-        console.print("dry run: nothing written")
+        check_dst(plan.source.root, dstp, overwrite=overwrite, resume=resume, need_bytes=need)
+        room = f"has room for the {human(need)} it needs" if need else "was not checked for free space"
+        console.print(f"dry run: nothing written; {dstp} is usable and {room}")
         return
     for w in plan.warnings:
-        err.print(f"[yellow]warning:[/] {w}")
-    dstp = Path(dst)
-    plan.serve_name = push_to_hub
+        err.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     # An interrupted push of this same plan resumes with the same command (DST is all ours).
     resume = resume or bool(push_to_hub and push_resumable(dstp, push_to_hub, plan.fingerprint()))
     pusher = None
@@ -238,7 +294,8 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
         pusher = HubPusher(push_to_hub, dstp, plan.fingerprint(), private=private, branch=push_revision,
                            commit_message=commit_message or "", delete_uploaded=low_disk, log=console.print)
         pusher.connect()
-    prepare_dst(plan.source.root, dstp, overwrite=overwrite, resume=resume)
+        pusher.validate_card(model_card(plan))  # the Hub's metadata check, before the first shard is sent
+    lock = prepare_dst(plan.source.root, dstp, overwrite=overwrite, resume=resume, need_bytes=need)  # noqa: F841 (held)
     if pusher is not None:
         pusher.start()
     meter = DiskMeter([dstp]).start() if low_disk else None
@@ -249,7 +306,8 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
     except KeyboardInterrupt:
         done()
         again = "the same command" if push_to_hub else "the same command with --resume"
-        err.print(f"[yellow]interrupted:[/] finished shards are kept; run {again} to continue.")
+        err.print(f"[yellow]interrupted:[/] finished shards are kept, and what --resume needs is in "
+                  f"{dstp / STAGING_DIR} (delete the folder to give up); run {again} to continue.", soft_wrap=True)
         sys.exit(130)
     finally:
         done()
@@ -259,7 +317,8 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
     if meter is not None:
         console.print(f"peak disk use under {dstp}: {human(meter.peak)} ({meter.peak} bytes)")
     if not quiet:
-        t = Table(title=f"Converted {source_label(plan.source)} -> {dstp}", title_justify="left")
+        console.print(f"[bold]Converted {source_label(plan.source)} -> {dstp}[/]", soft_wrap=True)
+        t = Table(show_header=False)
         t.add_column("")
         t.add_column("", justify="right")
         t.add_row("time", f"{result.seconds:.1f} s")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -26,11 +27,13 @@ from typing import Callable
 
 import numpy as np
 
+from . import __version__
 from .errors import QStreamError
 from .journal import open_journal
 from .plan import Op, OutShard, Plan
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
-from .schemes import ATTN_SCHEMES, SCHEMES, fp8
+from . import verify_decode as decode  # the FP4 decoders (compressed-tensors' decode, bit for bit)
+from .schemes import ATTN_SCHEMES, SCHEMES, fp8, measure
 from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, write_atomic, write_json
 
 BLOCK_BYTES = 16 << 20  # source bytes per work item
@@ -114,6 +117,7 @@ class Result:
     passed: int
     shards: list[Path] = field(default_factory=list)
     resumed: int = 0  # shards kept from an earlier run
+    measured: dict = field(default_factory=dict)  # "role/scheme" -> [sum w^2, sum (w - w_hat)^2, tensors]
 
 
 def _rows_per_block(info: TensorInfo, block_bytes: int) -> int:
@@ -141,6 +145,36 @@ class Executor:
         self._held: dict[tuple[int, int, int], np.ndarray] = {}  # (id(op), r0, r1) -> read_float rows
         self._held_bytes = 0
         self._held_lock = threading.Lock()
+        # (id(op), r0) -> (sum w^2, sum (w - w_hat)^2) of every block written: the card's measured error
+        self._err: dict[tuple[int, int], tuple[float, float]] = {}
+        self.measured: dict[str, list] = {}
+
+    def _measure(self, op: Op, r0: int, w: np.ndarray, w_hat: np.ndarray) -> None:
+        """Record one block's error against its decoded values (FP8: ``w_hat`` as given)."""
+        w = np.asarray(w, dtype=np.float32)
+        d = w - w_hat
+        self._err[(id(op), r0)] = (float(np.dot(w.ravel(), w.ravel())), float(np.dot(d.ravel(), d.ravel())))
+
+    def _measure_fp4(self, op: Op, r0: int, x: np.ndarray, packed: np.ndarray, scale: np.ndarray, gs) -> None:
+        """Record one FP4 block's error, decoded the way compressed-tensors decodes it
+        (:func:`qstream.schemes.measure.fp4_error`: one fused pass, no decoded copy)."""
+        self._err[(id(op), r0)] = measure.fp4_error(x, packed, scale, gs, decode._E8M0_BF16)
+
+    def _shard_measured(self, ops: list[Op]) -> dict[str, list]:
+        """Per "role/scheme": [sum w^2, sum err^2, tensors] over one shard's ops, summed in plan order
+        (the same floats whatever --threads, and after a resume from the journal)."""
+        out: dict[str, list] = {}
+        for op in ops:
+            if not op.converted:
+                continue
+            key = f"{op.role}/{op.module_scheme.split(':')[0]}"
+            acc = out.setdefault(key, [0.0, 0.0, 0])
+            acc[2] += 1
+            for r0, _ in (self._blocks(op) if op.kind in ("quantize", "fp8") else ()):
+                a, b = self._err.pop((id(op), r0), (0.0, 0.0))
+                acc[0] += a
+                acc[1] += b
+        return out
 
     # ---------------------------------------------------------------- reading
     def _blocks(self, op_or_info):
@@ -320,7 +354,9 @@ class Executor:
                 x = self.read_float(op, r0, r1)
                 if not math.isfinite(float(self.k.absmax(x))):
                     raise self._nonfinite(op)
-                for t, arr, per in zip(op.outputs, enc.encode(x), enc.rows_per_out_row):
+                arrays = enc.encode(x)
+                self._measure(op, r0, x, enc.decode(arrays))
+                for t, arr, per in zip(op.outputs, arrays, enc.rows_per_out_row):
                     w.pwrite(t.offset + r0 // per * (t.nbytes // t.shape[0]), arr)
 
             for r0, r1 in self._blocks(op):
@@ -345,6 +381,7 @@ class Executor:
                 packed, scale = k.quantize_nvfp4(x, gs, search=search)
             else:
                 packed, scale = k.quantize_mxfp4(x, search=search)
+            self._measure_fp4(op, r0, x, packed, scale, gs)
             w.pwrite(packed_t.offset + r0 * (cols // 2), packed)
             w.pwrite(scale_t.offset + r0 * groups, scale)
 
@@ -358,9 +395,15 @@ class Executor:
         t0 = time.perf_counter()
         staging = dst / STAGING_DIR
         staging.mkdir(parents=True, exist_ok=True)
-        journal, notes = open_journal(dst, staging, plan.fingerprint(), self.resume)
+        identity = {"source": plan.source.fingerprint(), "options": plan.options.key(), "version": __version__}
+        journal, notes = open_journal(dst, staging, plan.fingerprint(), self.resume, identity)
         for n in notes:
             progress.on_note(n)
+        for p in staging.glob("*.partial"):  # a killed run's half-written files: never resumed
+            p.unlink(missing_ok=True)
+        if any(op.kind == "quantize" for op in plan.ops) and kernels_cold(self.k):
+            progress.on_note("compiling the FP4 kernels (numba, once after an install: about 20-40 s before "
+                             "the first tensor moves; cached for later runs)")
         progress.on_start(plan)
         ops_by_shard: list[list[Op]] = [[] for _ in plan.shards]
         for op in plan.ops:
@@ -372,6 +415,7 @@ class Executor:
         slots = threading.BoundedSemaphore(2 * self.threads)
         finishing: list[Future] = []
         written: list[Path] = []
+        measured: list[dict] = []  # per shard, in plan order
         resumed = 0
         current: ShardWriter | None = None
         try:
@@ -379,6 +423,7 @@ class Executor:
                 to_release = [p for op in ops for p in releases.get(id(op), ())]
                 if shard.filename in journal.shards:
                     resumed += 1
+                    measured.append(journal.shards[shard.filename].get("measured") or {})
                     with self._progress_lock:  # a finisher thread may be reporting a shard meanwhile
                         for op in ops:
                             progress.on_tensor(op, op.bytes_in)
@@ -433,19 +478,29 @@ class Executor:
                 pending = [f for f in finishing if not f.done()]
                 if len(pending) >= 2:
                     wait(pending[:-1])
-                finishing.append(finisher.submit(self._finish_shard, sw, shard, journal, progress))
+                m = self._shard_measured(ops)
+                measured.append(m)
+                finishing.append(finisher.submit(self._finish_shard, sw, shard, journal, progress, m))
                 self._raise_first(finishing)
             for f in finishing:
                 written.append(f.result())
+            self.measured = merge_measured(measured)
             self.write_small_files()
             journal.complete = True
             journal.save()
             self.hooks.finished(dst)
+            # Finished: only the journal stays (where `hf upload DST` does not take it), for a later
+            # --resume that re-checks the shards; downloads and half-written files go.
+            shutil.rmtree(staging / "downloads", ignore_errors=True)
+            for p in staging.glob("*.partial"):
+                p.unlink(missing_ok=True)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             finisher.shutdown(wait=True, cancel_futures=True)
             if current is not None:
                 current.abort()
+            for p in staging.glob("*.partial"):  # half-written: never resumed, only a hidden waste of disk
+                p.unlink(missing_ok=True)
             raise
         finally:
             pool.shutdown(wait=True)
@@ -458,10 +513,11 @@ class Executor:
             seconds=time.perf_counter() - t0,
             bytes_in=plan.bytes_in,
             bytes_out=plan.bytes_out,
-            quantized=sum(op.kind == "quantize" for op in plan.ops),
-            passed=sum(op.kind != "quantize" for op in plan.ops),
+            quantized=plan.quantized,
+            passed=len(plan.ops) - plan.quantized,
             shards=sorted(set(written)),
             resumed=resumed,
+            measured=self.measured,
         )
 
     @staticmethod
@@ -475,9 +531,9 @@ class Executor:
             self.reader.drop(p)
             self.hooks.release(p)
 
-    def _finish_shard(self, sw: ShardWriter, shard: OutShard, journal, progress: Progress) -> Path:
+    def _finish_shard(self, sw: ShardWriter, shard: OutShard, journal, progress: Progress, measured: dict) -> Path:
         path = sw.finish()  # hashed while it was written (ShardWriter), fsynced, renamed
-        journal.record(shard.filename, path.stat().st_size, sw.sha256())
+        journal.record(shard.filename, path.stat().st_size, sw.sha256(), measured=measured)
         drop_pages(path)
         with self._progress_lock:
             progress.on_shard(path)
@@ -512,9 +568,34 @@ class Executor:
         if plan.options.format == "modelopt":  # TensorRT-LLM (and vLLM without config.json's copy) read this
             from .modelopt import HF_QUANT_CONFIG, hf_quant_config
             write_json(dst / HF_QUANT_CONFIG, hf_quant_config(plan.quantization_config))
-        write_atomic(dst / "README.md", model_card(plan))
+        write_atomic(dst / "README.md", model_card(plan, self.measured))
         # config.json last: a folder that holds it is a finished conversion
-        write_json(dst / "config.json", output_config(plan.source.config, plan.quantization_config))
+        fp4 = any(s in ("nvfp4", "mxfp4") for s in plan.schemes())
+        write_json(dst / "config.json", output_config(plan.source.config, plan.quantization_config, fp4=fp4))
+
+
+def merge_measured(per_shard: list[dict]) -> dict[str, list]:
+    """The shards' measured errors summed in shard order (deterministic floats)."""
+    out: dict[str, list] = {}
+    for m in per_shard:
+        for key, (a, b, n) in sorted(m.items()):
+            acc = out.setdefault(key, [0.0, 0.0, 0])
+            acc[0] += a
+            acc[1] += b
+            acc[2] += n
+    return dict(sorted(out.items()))
+
+
+def kernels_cold(k) -> bool:
+    """Whether numba has no cached build of the fused kernels yet (the first run compiles them)."""
+    path = getattr(k, "__file__", None)
+    if not path:
+        return False  # the numpy reference: nothing to compile
+    name = Path(path).stem
+    dirs = [Path(path).parent / "__pycache__"]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        dirs = [Path(os.environ["NUMBA_CACHE_DIR"])]
+    return not any(next(d.rglob(f"{name}.*.nbi"), None) for d in dirs if d.is_dir())
 
 
 def convert(plan: Plan, dst: Path, progress: Progress | None = None, **kw) -> Result:

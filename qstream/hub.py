@@ -32,7 +32,7 @@ from .hub_source import (DOWNLOADS, HubCheckpoint, SourceFetcher, _hf, _hub_erro
 from .plan import Plan
 from .writer import STAGING_DIR
 
-PUSH_STATE = "push.json"  # DST/.qstream/push.json: what an interrupted push was doing
+PUSH_STATE = "push.json"  # DST/.cache/huggingface/qstream/push.json: what an interrupted push was doing
 
 
 def fetch_order(plan: Plan) -> list[Path]:
@@ -186,6 +186,20 @@ class HubPusher:
         self.parent = info.sha
         self.existing = {s.rfilename for s in info.siblings or []}
 
+    def validate_card(self, card: str) -> None:
+        """The Hub's own check of the card's metadata (``POST /api/validate-yaml``, which
+        create_commit would run at the very end), made before the first shard is uploaded."""
+        hf = _hf()
+        try:
+            hf.ModelCard(card).validate(repo_type="model")
+        except ValueError as e:
+            msg = " ".join(str(e).split())
+            raise QStreamError(f"{self.repo_id}: the Hub rejects the model card's metadata ({msg}); nothing was "
+                               "uploaded. Pass --base-model ORG/NAME with the Hub id of the source model, or fix "
+                               "the source README.md's metadata (license, language, ...).") from e
+        except Exception as e:
+            raise _hub_error("checking the model card's metadata", e, self.repo_id) from e
+
     def start(self) -> None:
         """Record the push in DST (so the same command resumes it) and start the uploader."""
         assert self.parent is not None, "connect() first"
@@ -300,7 +314,7 @@ class HubPusher:
         ops += [hf.CommitOperationDelete(path_in_repo=f) for f in stale]
         from . import __version__
 
-        schemes = ", ".join(sorted({op.scheme for op in plan.ops if op.kind == "quantize"})).upper() or "unquantized"
+        schemes = ", ".join(plan.schemes(converted_only=True)).upper() or "unquantized"
         base = plan.source.repo_id if isinstance(plan.source, HubCheckpoint) else plan.source.root.name
         message = self.commit_message or f"Add {base} in {schemes} (qstream {__version__})"
         description = "Converted and uploaded by qstream while converting." + (

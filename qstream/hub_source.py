@@ -4,7 +4,7 @@ Source: :func:`open_hub_checkpoint` resolves ``org/name[@revision]`` to one comm
 downloads config.json, the index and the small side files (into the HF cache), and
 reads every safetensors header with HTTP range requests, so the plan is made before
 any tensor byte is fetched. Each shard's ``TensorInfo.path`` is where the shard
-*will* be: its HF cache snapshot path, or ``DST/.qstream/downloads/<file>`` with
+*will* be: its HF cache snapshot path, or ``DST/.cache/huggingface/qstream/downloads/<file>`` with
 ``--low-disk``. :class:`SourceFetcher` downloads a shard when the executor first
 opens it (prefetching the next one in the background, never more than two
 unreleased shards) and, with ``--low-disk``, deletes it as soon as the executor
@@ -29,7 +29,7 @@ from .checkpoint import GENERATED, INDEX_NAME, WEIGHT_SUFFIXES, Checkpoint, _loa
 from .errors import QStreamError
 from .safetensors_io import ShardHeader, header_length, parse_header, read_header
 
-DOWNLOADS = "downloads"  # DST/.qstream/downloads: source shards fetched with --low-disk
+DOWNLOADS = "downloads"  # DST/.cache/huggingface/qstream/downloads: source shards fetched with --low-disk
 HEADER_PROBE = 256 << 10  # first range request per shard; most headers fit
 HEADER_THREADS = 8  # shard headers read concurrently
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")

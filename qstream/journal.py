@@ -1,4 +1,4 @@
-"""The journal in DST/.qstream: which plan is being written and which shards are done.
+"""The journal in DST/.cache/huggingface/qstream: which plan is being written and which shards are done.
 
 Written atomically after every finished shard, so a run killed at any point
 (SIGKILL and power loss included) leaves a journal that names exactly the
@@ -35,6 +35,7 @@ class Journal:
     fingerprint: str
     shards: dict[str, dict] = field(default_factory=dict)  # filename -> {size, sha256}
     complete: bool = False
+    identity: dict = field(default_factory=dict)  # {"source": fingerprint, "options": {...}}: names what changed
 
     @classmethod
     def load(cls, staging: Path) -> "Journal | None":
@@ -51,21 +52,35 @@ class Journal:
             for r in shards.values()
         ):
             return None  # damaged records: same
-        return cls(p, fingerprint, shards, bool(obj.get("complete")))
+        identity = obj.get("identity") if isinstance(obj.get("identity"), dict) else {}
+        return cls(p, fingerprint, shards, bool(obj.get("complete")), identity)
 
     def save(self) -> None:
-        data = json.dumps({"fingerprint": self.fingerprint, "complete": self.complete, "shards": self.shards}, indent=1)
+        data = json.dumps({"fingerprint": self.fingerprint, "complete": self.complete, "shards": self.shards,
+                           **({"identity": self.identity} if self.identity else {})}, indent=1)
         try:
             write_atomic(self.path, data, tmp=self.path.with_suffix(".tmp"))
         except OSError as e:  # a full or read-only disk: one clear sentence, not a traceback
             raise os_error(self.path, e) from e
 
-    def record(self, filename: str, size: int, sha256: str) -> None:
-        self.shards[filename] = {"size": size, "sha256": sha256}
+    def record(self, filename: str, size: int, sha256: str, **extra) -> None:
+        self.shards[filename] = {"size": size, "sha256": sha256, **extra}
         self.save()
 
 
-def open_journal(dst: Path, staging: Path, fingerprint: str, resume: bool) -> tuple[Journal, list[str]]:
+def what_changed(old: dict, new: dict) -> str:
+    """The difference between two plan identities, in the words of the command line."""
+    if old.get("source") != new.get("source"):
+        return "the source changed (its files, sizes, modification times or config.json)"
+    o, n = old.get("options") or {}, new.get("options") or {}
+    diffs = [f"--{k.replace('_', '-')} {o.get(k)!r} -> {n.get(k)!r}" for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
+    if diffs:
+        return "options changed: " + ", ".join(diffs)
+    return "the qstream version changed" if old.get("version") != new.get("version") else "the plan changed"
+
+
+def open_journal(dst: Path, staging: Path, fingerprint: str, resume: bool,
+                 identity: dict | None = None) -> tuple[Journal, list[str]]:
     """The journal for this run; with resume, keep the shards that check out.
 
     Returns the journal and notes for the user (shards redone and why).
@@ -74,9 +89,11 @@ def open_journal(dst: Path, staging: Path, fingerprint: str, resume: bool) -> tu
     old = Journal.load(staging)
     if old is not None and resume:
         if old.fingerprint != fingerprint:
+            why = what_changed(old.identity, identity) if old.identity and identity else \
+                "a different source or different options (plan fingerprint changed)"
             raise QStreamError(
-                f"{dst} holds a conversion of a different source or with different options "
-                "(plan fingerprint changed); rerun with --overwrite to start over, or choose a new DST."
+                f"{dst} holds a conversion that cannot be resumed with this command: {why}; rerun with the "
+                "earlier options, or --overwrite to start over, or choose a new DST."
             )
         kept = {}
         for name, rec in old.shards.items():
@@ -88,8 +105,8 @@ def open_journal(dst: Path, staging: Path, fingerprint: str, resume: bool) -> tu
                 notes.append(f"{name}: checksum mismatch (corrupted), redoing it")
                 continue
             kept[name] = rec
-        j = Journal(staging / JOURNAL, fingerprint, kept, False)
+        j = Journal(staging / JOURNAL, fingerprint, kept, False, identity or {})
     else:
-        j = Journal(staging / JOURNAL, fingerprint)
+        j = Journal(staging / JOURNAL, fingerprint, identity=identity or {})
     j.save()
     return j, notes

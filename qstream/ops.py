@@ -91,6 +91,18 @@ class Op:
         return sum(o.nbytes for o in self.outputs)
 
     @property
+    def quantized(self) -> bool:
+        """The one rule for "quantized" (tables, card, summary, commit message): the op writes a
+        weight that quantization_config describes (FP4 quantized or repacked, FP8 made or kept)."""
+        return self.module_scheme is not None
+
+    @property
+    def converted(self) -> bool:
+        """Quantized by this run (FP4 from floats or FP8, FP8 from floats, an FP4 repack), as
+        opposed to an FP8 weight kept as the source has it."""
+        return self.quantized and (self.kind != "copy" or self.layout == "modelopt")
+
+    @property
     def action(self) -> str:
         """A short label for tables: what happens to this tensor."""
         if self.layout == "modelopt":

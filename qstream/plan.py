@@ -18,6 +18,8 @@ from . import __version__
 from .checkpoint import Checkpoint
 from .errors import QStreamError
 from .ops import Op, OutShard, OutTensor, View
+from .plan_checks import (check_something_quantized, check_source_quantization, group_warnings, oversized_tensors,
+                          unknown_family_warning, unmatched_ignores)
 from .roles import ROLES, Classifier, Family, Recipe, load_families, select_family
 from .safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header
 from .schemes import ATTN_SCHEMES, SCHEMES, Scheme, fp8_group_args
@@ -67,6 +69,7 @@ class Plan:
     warnings: list[str]
     command: str = ""  # the command line, for the model card
     serve_name: str | None = None  # the Hub repo pushed to, for the card's `vllm serve` line
+    base_model: str | None = None  # --base-model: the card's base_model (else inferred, see card.base_model_of)
 
     @property
     def bytes_in(self) -> int:
@@ -81,10 +84,17 @@ class Plan:
         for op in self.ops:
             s = out[op.role]
             s.tensors += 1
-            s.quantized += op.module_scheme is not None
+            s.quantized += op.quantized
             s.bytes_in += op.bytes_in
             s.bytes_out += op.bytes_out
         return {r: s for r, s in out.items() if s.tensors}
+
+    @property
+    def quantized(self) -> int:  # how many tensors are quantized (Op.quantized)
+        return sum(op.quantized for op in self.ops)
+
+    def schemes(self, converted_only: bool = False) -> list[str]:  # formats of the quantized weights, sorted
+        return sorted({op.module_scheme.split(":")[0] for op in self.ops if op.converted or op.quantized > converted_only})
 
     def fingerprint(self) -> str:
         """Identity of the output this plan produces: source identity, options, version."""
@@ -204,12 +214,9 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
         except re.error as e:
             raise QStreamError(f"--ignore {pat!r} is not a valid regex ({e}).") from e
     warnings: list[str] = []
-    packed = next((n for n in src.tensors if n.endswith(".weight_packed")), None)
-    if packed is not None:
-        raise QStreamError(
-            f"{src.root}: tensor {packed!r} shows the source is already FP4-packed (compressed-tensors); "
-            "convert from the original BF16/FP16/FP32 or FP8 checkpoint instead."
-        )
+    if family.name == "generic":
+        warnings.append(unknown_family_warning(src.config))
+    check_source_quantization(src)
     fp8 = find_fp8_weights(src.tensors, src.config)
     consumed = {t.name for f in fp8.values() for t in (f.scale, f.input_scale) if t is not None}
 
@@ -230,6 +237,8 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
         role = classifier.role(info.name)
         scheme = _scheme_for(role, opts, recipe)
         ops.extend(_plan_tensor(info, role, scheme, fp8.get(info.name), opts, ignore_res, warnings))
+    warnings[:] = group_warnings(warnings) + unmatched_ignores(
+        list(opts.ignore) + (recipe.ignore if recipe else []), ignore_res, src.tensors)
 
     # NVFP4 global-scale groups: fused partners that are all quantized with a global scale.
     scale_groups: dict[str, list[str]] = {}
@@ -250,7 +259,9 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
         raise QStreamError(f"unknown output format {opts.format!r}; choose one of {', '.join(modelopt.FORMATS)}.")
     if opts.format == "modelopt":
         modelopt.apply_format(ops)  # ModelOpt names: weight / weight_scale / weight_scale_2
+    check_something_quantized(src, opts, ops, warnings)
     shards = _assign_shards(ops, opts.max_shard_size)
+    warnings += oversized_tensors(ops, opts.max_shard_size)
     qconfig = modelopt.quantization_config(ops) if opts.format == "modelopt" else _quantization_config(ops, src.config, family)
     return Plan(src, opts, family.name, ops, shards, scale_groups, qconfig, warnings)
 

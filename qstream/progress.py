@@ -45,7 +45,9 @@ def make_progress(console: Console, quiet: bool) -> tuple[Progress, Callable[[],
     st = {"t0": 0.0, "done": 0, "total": 1, "n": 0, "ntot": 0, "last": 0.0}
 
     def p_start(plan):
-        st.update(t0=time.perf_counter(), total=max(1, plan.bytes_in), ntot=len(plan.ops))
+        now = time.perf_counter()
+        # the first line after 5 s, not after the first (tiny) tensor: no rate or ETA from one sample
+        st.update(t0=now, last=now, total=max(1, plan.bytes_in), ntot=len(plan.ops))
         console.print(f"converting {len(plan.ops)} tensors, {human(plan.bytes_in)} -> {human(plan.bytes_out)}")
 
     def p_tensor(op, nbytes):

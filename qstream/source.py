@@ -22,7 +22,14 @@ def open_checkpoint(root: str | Path, revision: str | None = None, download_dir:
         from .hub_source import is_repo_id, open_hub_checkpoint
 
         if is_repo_id(str(root)):
-            return open_hub_checkpoint(str(root), revision=revision, download_dir=download_dir)
+            try:
+                return open_hub_checkpoint(str(root), revision=revision, download_dir=download_dir)
+            except QStreamError as e:
+                if not any(w in str(e) for w in ("cannot reach", "not in the local Hugging Face cache",
+                                                  "repository not found")):
+                    raise  # the repo exists: its own error (gated, a missing file, ...) says what to do
+                raise QStreamError(f"{root}: no local folder of that name exists ({Path(root).absolute()}), and "
+                                   f"it is not a reachable Hub repo either ({e}); check the path or the repo id.") from e
     elif revision is not None:
         raise QStreamError(f"{root}: --revision applies to Hub repos, but {root} is a local folder; drop --revision.")
     return open_local(root)

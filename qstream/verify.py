@@ -65,6 +65,10 @@ from .verify_modelopt import ModeloptChecks
 from .verify_report import Report, TensorMetrics, aggregate, print_report  # noqa: F401 - verify's public API
 from .verify_rules import DECODE_BLOCK, FLOAT_SCALE_DTYPES, QUANT_SUFFIXES, SCAN_BLOCK, Module, Resolver
 
+# verify --source fails a tensor past this relative error unless --max-rel-error says otherwise:
+# FP4 measures about 0.08-0.12 (0.2 on outlier-heavy rows), a wrong source about 1.4.
+DEFAULT_MAX_REL_ERROR = 0.5
+
 
 # --------------------------------------------------------------------------- the checker
 
@@ -414,7 +418,15 @@ def verify(dst: str | Path, source: str | Path | None = None, *, threads: int | 
                 v.measure(str(source), pool)
     finally:
         v.reader.close()
-    if max_rel_error is not None:
+    if not v.report.modules and not v.report.errors:
+        v.report.errors.append(f"{dst}: no quantized module found (config.json has "
+                               + ("a quantization_config that matches no module" if v.config.get("quantization_config")
+                                  else "no quantization_config")
+                               + "): this is an unquantized checkpoint, not a quantized output; verify checks "
+                               "the output of `qstream convert`.")
+    if source is not None and max_rel_error is None:
+        v.report.check_threshold(DEFAULT_MAX_REL_ERROR, default=True)
+    elif max_rel_error is not None:
         v.report.check_threshold(max_rel_error)
     v.report.seconds = time.perf_counter() - t0
     return v.report

@@ -124,12 +124,16 @@ class Report:
     def ok(self) -> bool:
         return not self.errors
 
-    def check_threshold(self, max_rel_error: float) -> None:
+    def check_threshold(self, max_rel_error: float, default: bool = False) -> None:
         """Add an error for every tensor whose relative error exceeds ``max_rel_error``."""
-        for m in self.metrics or []:
-            r = m.rel_error
-            if math.isnan(r) or r > max_rel_error:
-                self.errors.append(f"{m.module}: relative error {r:.4g} exceeds --max-rel-error {max_rel_error:g}")
+        bad = [m for m in self.metrics or [] if math.isnan(m.rel_error) or m.rel_error > max_rel_error]
+        for m in bad:
+            self.errors.append(f"{m.module}: relative error {m.rel_error:.4g} exceeds --max-rel-error "
+                               f"{max_rel_error:g}" + (" (the default)" if default else ""))
+        if default and bad and len(bad) * 2 > len(self.metrics or []):
+            self.errors.append(f"{self.source}: {len(bad)} of {len(self.metrics)} quantized tensors are far from "
+                               "their source weights (FP4 gives about 0.1): is --source the checkpoint DST was "
+                               "converted from?")
 
     def by(self, key: Callable[[TensorMetrics], str]) -> dict[str, dict]:
         groups: dict[str, list[TensorMetrics]] = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -33,8 +34,13 @@ from .atomic import os_error as _os_error
 from .errors import QStreamError
 from .ops import OutShard
 from .safetensors_io import _fadvise_dontneed
+from .schemes import FP4_DTYPE
 
-STAGING_DIR = ".qstream"
+# DST's staging folder (shards being written, the journal, push state, --low-disk downloads).
+# Under .cache/huggingface/, which `hf upload` / upload_folder never publish (huggingface_hub's
+# DEFAULT_IGNORE_PATTERNS), so a finished output can keep its journal (resume and repair).
+STAGING_DIR = ".cache/huggingface/qstream"
+
 WRITEBACK_BYTES = 32 << 20
 
 
@@ -211,7 +217,7 @@ class ShardWriter:
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """An output file, written durably through DST/.qstream (:func:`qstream.atomic.write_atomic`)."""
+    """An output file, written durably through the staging folder (:func:`qstream.atomic.write_atomic`)."""
     try:
         atomic.write_atomic(path, data, tmp=path.parent / STAGING_DIR / (path.name + ".partial"))
     except OSError as e:
@@ -232,36 +238,141 @@ def copy_side_file(src_root: Path, rel: Path, dst_root: Path) -> None:
         raise _os_error(target, e) from e
 
 
-def output_config(src_config: dict, quantization_config: dict | None) -> dict:
+
+
+def output_config(src_config: dict, quantization_config: dict | None, fp4: bool = False) -> dict:
+    """config.json of the output: the source's, with our quantization_config; with FP4 weights the
+    model dtype is bfloat16 (``dtype`` / ``torch_dtype``, nested text/vision configs too), so
+    that a plain ``from_pretrained`` and vLLM's ``--dtype auto`` load it."""
     cfg = {k: v for k, v in src_config.items() if k != "quantization_config"}
     if quantization_config is not None:
         cfg["quantization_config"] = quantization_config
+    if fp4:
+        keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
+        for k in keys:
+            cfg[k] = FP4_DTYPE
+        for sub in cfg.values():
+            if isinstance(sub, dict):
+                for k in ("dtype", "torch_dtype"):
+                    if k in sub and sub[k] not in (None, FP4_DTYPE):
+                        sub[k] = FP4_DTYPE
     return cfg
 
 
-def prepare_dst(src_root: Path, dst: Path, overwrite: bool, resume: bool) -> None:
-    """Create DST, refusing unsafe or occupied destinations with a clear message."""
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+OUR_FILES = ("model.safetensors.index.json", "config.json", "README.md", "hf_quant_config.json")
+
+
+def is_ours(dst: Path) -> bool:
+    """Whether DST was written by qstream: an interrupted run's journal, or a finished output
+    (config.json with a quantization_config beside a model card that qstream wrote)."""
+    if (dst / STAGING_DIR / "journal.json").is_file():
+        return True
+    try:
+        card = (dst / "README.md").read_text(encoding="utf-8", errors="replace")
+        cfg = json.loads((dst / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    front = card.split("\n---", 1)[0] if card.startswith("---") else ""
+    return "\n- qstream\n" in front + "\n" and isinstance(cfg, dict)
+
+
+def check_dst(src_root: Path, dst: Path, *, overwrite: bool, resume: bool, need_bytes: int = 0) -> None:
+    """Everything that would stop a conversion into DST, checked before a byte is written (and by
+    --dry-run): DST inside SRC, a file, occupied, not ours with --overwrite, read-only, too small."""
     src_r = src_root.resolve()
     dst_r = dst.resolve()
     if dst_r == src_r or src_r in dst_r.parents:
         raise QStreamError(f"{dst}: DST is inside SRC ({src_root}); choose a destination outside the source folder.")
     if dst.exists() and not dst.is_dir():
         raise QStreamError(f"{dst}: DST exists and is not a folder; choose a new folder.")
-    if dst.exists() and any(dst.iterdir()) and not (overwrite or resume):
+    occupied = dst.exists() and any(dst.iterdir())
+    if occupied and not (overwrite or resume):
         if (dst / STAGING_DIR / "journal.json").exists() and not (dst / "config.json").exists():
             raise QStreamError(f"{dst}: holds an interrupted conversion; pass --resume to continue it, --overwrite to start over, or choose a new folder.")
         raise QStreamError(f"{dst}: DST exists and is not empty; pass --overwrite to replace it, --resume to continue an interrupted run, or choose a new folder.")
+    if occupied and overwrite and not resume and not is_ours(dst):
+        theirs = sorted(p.name for p in dst.iterdir() if p.is_file() and (
+            p.name.endswith(".safetensors") or p.name in OUR_FILES))
+        if theirs:
+            raise QStreamError(f"{dst}: --overwrite would replace {', '.join(theirs[:3])}"
+                               f"{' ...' if len(theirs) > 3 else ''}, which qstream did not write (no qstream model "
+                               "card or journal there); choose a new folder, or remove them yourself.")
+    base = _nearest_existing(dst)
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise QStreamError(f"{dst}: cannot write into {base} (read-only or no permission); choose a writable DST.")
+    if need_bytes:
+        free = shutil.disk_usage(base).free
+        if free < need_bytes:
+            from .card import human
+
+            raise QStreamError(f"{dst}: the output needs {human(need_bytes)} but only {human(free)} is free on "
+                               f"that device ({base}); free space or choose another DST.")
+
+
+def _remove_ours(dst: Path) -> None:
+    """--overwrite: remove what an earlier qstream run wrote (its shards as its index names them,
+    the files it generates, its staging folder); anything else in DST stays."""
+    names = set(OUR_FILES)
+    try:
+        index = json.loads((dst / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        names |= {v for v in (index.get("weight_map") or {}).values() if isinstance(v, str) and "/" not in v}
+    except (OSError, ValueError, AttributeError):
+        pass
+    shutil.rmtree(dst / STAGING_DIR, ignore_errors=True)
+    for p in dst.iterdir():
+        if p.is_file() and (p.name in names or (p.name.startswith("model-") and p.name.endswith(".safetensors"))):
+            p.unlink()
+
+
+class DstLock:
+    """An exclusive lock on DST for the whole run (flock on the folder itself: nothing to clean up,
+    released by the kernel when the process ends, however it ends)."""
+
+    def __init__(self, dst: Path) -> None:
+        self.fd = os.open(dst, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise QStreamError(f"{dst}: another qstream conversion is writing into this folder right now; wait "
+                               "for it to finish, or choose another DST.") from None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def prepare_dst(src_root: Path, dst: Path, overwrite: bool, resume: bool, need_bytes: int = 0) -> DstLock:
+    """Create and lock DST, refusing unsafe or occupied destinations with a clear message. The
+    returned lock must be held until the conversion is finished."""
+    if not dst.is_dir():
+        check_dst(src_root, dst, overwrite=overwrite, resume=resume)  # before creating anything
     try:
         dst.mkdir(parents=True, exist_ok=True)
+        lock = DstLock(dst)  # first: a folder another run is writing is refused as that, whatever it holds
+    except OSError as e:
+        raise _os_error(dst, e) from e
+    try:
+        check_dst(src_root, dst, overwrite=overwrite, resume=resume, need_bytes=need_bytes)  # now under the lock
         if overwrite and not resume:
-            for p in dst.iterdir():
-                if p.name == STAGING_DIR:
-                    shutil.rmtree(p)
-                elif p.is_file() and (p.name.endswith(".safetensors") or p.name in ("model.safetensors.index.json", "config.json", "README.md", "hf_quant_config.json")):
-                    p.unlink()
-        (dst / STAGING_DIR).mkdir(exist_ok=True)
-        probe = dst / STAGING_DIR / "write-test"
+            _remove_ours(dst)
+        staging = dst / STAGING_DIR
+        staging.mkdir(parents=True, exist_ok=True)
+        probe = staging / "write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        lock.release()
         raise _os_error(dst, e) from e
+    except BaseException:
+        lock.release()
+        raise
+    return lock

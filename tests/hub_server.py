@@ -103,6 +103,7 @@ class Stats:
     range_gets: list[tuple[str, str]] = field(default_factory=list)  # path, Range header
     full_gets: list[str] = field(default_factory=list)
     commits: list[dict] = field(default_factory=list)  # header + operations of each accepted commit
+    validations: list[list[str]] = field(default_factory=list)  # errors found by each validate-yaml call
 
     def count(self, method: str, pattern: str) -> int:
         rx = re.compile(pattern)
@@ -122,6 +123,7 @@ class HubState:
         self._counter = 0
         # fault injection
         self.fail_puts = 0
+        self.fail_commits = 0  # answer the next N commits with a 500
         self.upload_delay = 0.0  # seconds per LFS upload / Xet write token: a slow uplink
         self.hold_puts_after: int | None = None
         self.hold_xet_tokens_after: int | None = None
@@ -132,6 +134,7 @@ class HubState:
     def reset_faults(self) -> None:
         with self.lock:
             self.fail_puts = 0
+            self.fail_commits = 0
             self.upload_delay = 0.0
             self.hold_puts_after = None
             self.hold_xet_tokens_after = None
@@ -207,6 +210,59 @@ class HubState:
             return 0
         d = self.cas_dir(repo_id) / "xet" / "xorbs" / "xorbs"
         return sum(p.stat().st_size for p in d.glob("*") if p.is_file() and not p.name.endswith(".tagset")) if d.is_dir() else 0
+
+
+# The Hub's license identifiers (https://huggingface.co/docs/hub/repositories-licenses).
+HUB_LICENSES = frozenset("""
+apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0
+cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0
+cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0
+cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl
+gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr
+mpl-2.0 odc-by odbl openmdw-1.0 openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr
+deepfloyd-if-license fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4
+grok2-community gemma unknown other
+""".split())
+# A model id as the Hub resolves base_model: namespace/name, letters, digits and - _ . (no leading or
+# trailing - or ., no "--" or ".."), at most 96 characters each; a local path or a bare folder name is not one.
+_MODEL_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/[\w](?:[\w.-]{0,94}[\w])?")
+BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
+
+
+def card_metadata_errors(content: str) -> list[str]:
+    """What the Hub says is wrong with a README.md's YAML metadata (empty: valid)."""
+    import yaml
+
+    m = re.match(r"\ufeff?---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", content, re.S)
+    if not m:
+        return []
+    try:
+        meta = yaml.safe_load(m.group(1)) or {}
+    except yaml.YAMLError as e:
+        return [f"Invalid YAML in the metadata: {e}"]
+    if not isinstance(meta, dict):
+        return ["The metadata must be a YAML mapping."]
+    errors = []
+    bases = meta.get("base_model")
+    for b in ([bases] if isinstance(bases, str) else bases if isinstance(bases, list) else [] if bases is None else [bases]):
+        if not isinstance(b, str) or not _MODEL_ID.fullmatch(b) or b.endswith(".git"):
+            errors.append(f'"base_model" with value "{b}" is not valid. Use a model id from https://hf.co/models.')
+    rel = meta.get("base_model_relation")
+    if rel is not None and (rel not in BASE_MODEL_RELATIONS or bases is None):
+        errors.append(f'"base_model_relation" with value "{rel}" is not valid: it must be one of '
+                      f'{", ".join(BASE_MODEL_RELATIONS)}, together with a base_model.')
+    lic = meta.get("license")
+    for v in ([lic] if isinstance(lic, str) else lic if isinstance(lic, list) else [] if lic is None else [lic]):
+        if v not in HUB_LICENSES:
+            errors.append(f'"license" with value "{v}" is not valid. Use a license identifier from '
+                          "https://hf.co/docs/hub/repositories-licenses, or \"other\" with license_name and license_link.")
+    for key in ("license_name", "license_link", "pipeline_tag", "library_name"):
+        if key in meta and not isinstance(meta[key], str):
+            errors.append(f'"{key}" must be a string.')
+    if "tags" in meta and not (isinstance(meta["tags"], list) and all(isinstance(t, str) for t in meta["tags"])):
+        errors.append('"tags" must be a list of strings.')
+    return errors
 
 
 class HttpError(Exception):
@@ -357,8 +413,27 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, {})
 
     def validate_yaml(self, query: dict) -> None:
-        self._json()
-        self._send(200, {"errors": [], "warnings": []})
+        """The Hub's metadata check of a README.md (huggingface_hub calls it inside create_commit
+        when README.md is added, and from ModelCard.validate): 400 with ``errors`` on bad metadata."""
+        payload = self._json()
+        errors = card_metadata_errors(str(payload.get("content") or ""))
+        with self.state.lock:
+            self.state.stats.validations.append(errors)
+        if not errors:
+            return self._send(200, {"errors": [], "warnings": []})
+        if "text/plain" in self.headers.get("Accept", ""):  # ModelCard.validate asks for text
+            body = "\n".join(f"- {e}" for e in errors).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Error-Message", "Invalid metadata in README.md")
+            self.end_headers()
+            self.wfile.write(body)
+            with self.state.lock:
+                self.state.stats.requests.append((self.command, urlsplit(self.path).path, 400))
+            return
+        self._send(400, {"errors": [{"message": e} for e in errors], "warnings": [],
+                         "error": "Invalid metadata in README.md"})
 
     def repo_info(self, repo_id: str, rev: str | None, query: dict) -> None:
         repo = self._repo(repo_id)
@@ -511,6 +586,9 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(400, "commit payload must start with a header line")
         header = lines[0]["value"]
         with self.state.lock:
+            if self.state.fail_commits > 0:
+                self.state.fail_commits -= 1
+                raise HttpError(500, "Internal Error - We're working hard to fix this as soon as possible!")
             if branch not in repo.branches:
                 raise HttpError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
             head = repo.branches[branch]

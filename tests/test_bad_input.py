@@ -320,7 +320,10 @@ def test_no_space_midway_then_resume(src, tmp_path):
     total = _out_bytes(src, "mxfp4", "40KB")
     with tmpfs(max(16, total // 2 // 1024)) as mnt:
         dst = mnt / "out"
-        p = convert(src, dst, "--max-shard-size", "40KB", "-q")
+        # refused up front ...
+        assert_clean_error(convert(src, dst, "--max-shard-size", "40KB", "-q"), "the output needs", "free", dst=dst)
+        # ... and where the free space is not what it seems, a full device midway is one sentence too
+        p = convert(src, dst, "--max-shard-size", "40KB", "-q", "--skip-space-check")
         flat = assert_clean_error(p, "no space left", "--resume", dst=dst)
         assert ".safetensors" in flat  # names the shard it was writing
         assert 0 < len(list(dst.glob("*.safetensors")))
@@ -348,6 +351,8 @@ def test_no_space_before_the_first_byte(src):
         finally:
             os.close(fd)
         p = convert(src, mnt / "out", "-q")
+        assert_clean_error(p, "the output needs", "free on that device", "out", dst=mnt / "out")
+        p = convert(src, mnt / "out", "-q", "--skip-space-check")
         assert_clean_error(p, "no space left", "out", dst=mnt / "out")
 
 

@@ -132,4 +132,4 @@ def test_nan_weight_is_named(tmp_path):
 def test_already_fp4_source_is_refused(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     run_qstream("convert", tiny_ckpt, out, "-q", check=True)
-    assert_clean_error(run_qstream("convert", out, tmp_path / "again"), "already FP4-packed", "weight_packed")
+    assert_clean_error(run_qstream("convert", out, tmp_path / "again"), "already quantized", "mxfp4-pack-quantized", "weight_packed")

@@ -111,12 +111,20 @@ def test_config_and_side_files(converted, tiny_ckpt):
     for f in ("tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         assert (dst / f).read_bytes() == (tiny_ckpt / f).read_bytes()
     card = (dst / "README.md").read_text()
-    assert card.startswith("---\n") and "base_model_relation: quantized" in card and "license: apache-2.0" in card
-    assert f"--mlp {scheme}" in card and scheme in card
-    # only the journal stays in the hidden staging folder: nothing half-written
-    assert [p.name for p in (dst / ".qstream").iterdir()] == ["journal.json"]
-    journal = json.loads((dst / ".qstream" / "journal.json").read_text())
+    # a local source without a Hub id: no base_model (and so no relation), never a folder name
+    assert card.startswith("---\n") and "base_model" not in card and "license: apache-2.0" in card
+    assert f"--mlp {scheme}" in card and scheme in card and str(tiny_ckpt) not in card and str(dst) not in card
+    # only the journal stays in the hidden staging folder: nothing half-written, and it is where
+    # `hf upload DST` (huggingface_hub's default ignore patterns) does not take it
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+    staging = dst / ".cache" / "huggingface" / "qstream"
+    assert [p.name for p in staging.iterdir()] == ["journal.json"] and not (dst / ".qstream").exists()
+    journal = json.loads((staging / "journal.json").read_text())
     assert journal["complete"] and set(journal["shards"]) == {p.name for p in dst.glob("*.safetensors")}
+    every = [str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file()]
+    published = list(filter_repo_objects(every, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    assert not [f for f in published if "qstream" in f or f.startswith(".")], published
 
 
 def test_config_resolves_every_module(converted):

@@ -5,7 +5,7 @@ changes a single output byte anywhere fails here and says which file of which ce
 Each cell converts a tiny deterministic fixture (fixed seeds, fixed folder names) in
 process and hashes every output file: each shard, the index, config.json,
 hf_quant_config.json (ModelOpt), the copied side files and the model card
-(README.md). The journal folder ``.qstream/`` is left out (it holds timings and
+(README.md). The staging folder (``STAGING_DIR``, holding the journal) is left out (it holds timings and
 is not output). The card records the command line; in process qstream records none,
 so each cell sets a fixed one (``plan.command``) and the card is fully deterministic:
 no path and no time in it. A cell that qstream refuses (an invalid combination, e.g.
@@ -123,7 +123,7 @@ def convert_cell(src: Path, dst: Path, cell: tuple) -> dict[str, str]:
     out = {}
     for p in sorted(dst.rglob("*")):
         rel = p.relative_to(dst)
-        if rel.parts[0] == STAGING_DIR or not p.is_file():
+        if str(rel).startswith(STAGING_DIR + "/") or not p.is_file():
             continue
         out[rel.as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out

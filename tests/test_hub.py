@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -298,7 +299,7 @@ def test_low_disk_push(hub, src_ckpt, reference, tmp_path, mode):
     assert out.index(f"uploaded {shards[0]}") < out.index(f"wrote {shards[-1]}"), out
 
     # DST keeps only the small files; downloads and uploaded shards are gone.
-    assert not list(dst.glob("*.safetensors")) and not (dst / ".qstream" / "downloads").exists()
+    assert not list(dst.glob("*.safetensors")) and not (dst / ".cache" / "huggingface" / "qstream" / "downloads").exists()
     assert {p.name for p in dst.iterdir() if p.is_file()} == {*SMALL, "README.md"}
 
     # Disk bound: about two source shards plus two output shards (plus the small files).
@@ -410,3 +411,80 @@ def test_prefetch_threads_end_with_close(hub, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "PREFETCHED 1 ALIVE 0" in p.stdout, p.stdout
     assert not (tmp_path / "dl").exists()  # with delete, close() removed the download folder after the threads ended
+
+
+# --------------------------------------------------------------------------- metadata, local pushes
+
+
+def test_server_validates_metadata_like_the_hub(hub, tmp_path):
+    """The real client's create_commit posts README.md to /api/validate-yaml and raises the
+    Hub's error; a valid card goes through."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("org/meta-check", exist_ok=True)
+    for bad, word in (("base_model: smollm2-bf16", "base_model"), ("base_model: /fsx/alice/ckpt/step-5000", "base_model"),
+                      ("license: apache 2", "license")):
+        with pytest.raises(ValueError, match=rf"Invalid metadata in README.md.\n- \"{word}\" with value"):
+            api.upload_file(path_or_fileobj=f"---\n{bad}\n---\n# x\n".encode(), path_in_repo="README.md",
+                            repo_id="org/meta-check")
+    api.upload_file(path_or_fileobj=b"---\nbase_model: org/tiny\nbase_model_relation: quantized\nlicense: other\n"
+                                    b"license_name: x\nlicense_link: LICENSE\n---\n# x\n",
+                    path_in_repo="README.md", repo_id="org/meta-check")
+    assert b"org/tiny" in hub.state.read("org/meta-check", "README.md")
+
+
+@pytest.fixture(scope="module")
+def local_named(tmp_path_factory) -> Path:
+    """A local checkpoint named like a folder, whose _name_or_path is a training path."""
+    cfg = llama_config(hidden=64, inter=128, layers=2)
+    cfg["_name_or_path"] = "/fsx/alice/ckpt/step-5000"
+    root = tmp_path_factory.mktemp("localpush") / "smollm2-bf16"
+    return write_checkpoint(root, cfg, llama_tensors(cfg), n_shards=2, extra_files={
+        "README.md": "---\nlicense: apache-2.0\nlanguage:\n- en\n---\n# local\n"})
+
+
+def test_push_from_a_local_folder_end_to_end(hub, local_named, tmp_path):
+    env = hub_env(hub, tmp_path / "home")
+    p = run_qstream("convert", local_named, tmp_path / "a", "--mlp", "nvfp4", "--push-to-hub", "org/local-a", env=env)
+    assert p.returncode == 0, p.stderr
+    assert "no base_model" in " ".join(p.stderr.split()) and "--base-model" in p.stderr
+    card = hub.state.read("org/local-a", "README.md").decode()
+    assert "base_model" not in card_yaml(card) and "license: apache-2.0" in card_yaml(card)
+    assert "vllm serve org/local-a" in card and "/fsx" not in card and str(local_named) not in card
+    p = run_qstream("convert", local_named, tmp_path / "b", "--mlp", "nvfp4", "--push-to-hub", "org/local-b",
+                    "--base-model", "org/tiny", env=env)
+    assert p.returncode == 0, p.stderr
+    assert "base_model: org/tiny" in card_yaml(hub.state.read("org/local-b", "README.md").decode())
+
+
+def test_bad_card_metadata_fails_before_the_first_upload(hub, local_named, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(local_named, src)
+    (src / "README.md").write_text("---\nlicense: apache 2\n---\n# x\n")
+    before = len(hub.state.stats.requests)
+    p = run_qstream("convert", src, tmp_path / "out", "--mlp", "nvfp4", "--push-to-hub", "org/bad-card",
+                    env=hub_env(hub, tmp_path / "home"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    msg = " ".join(p.stderr.split())
+    assert "the Hub rejects the model card's metadata" in msg and '"license" with value "apache 2"' in msg, msg
+    assert "nothing was uploaded" in msg
+    later = hub.state.stats.requests[before:]
+    assert not [r for r in later if "preupload" in r[1] or "/objects/" in r[1] or "/commit/" in r[1]], later
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_failed_commit_resumes_without_reuploading(hub, local_named, tmp_path):
+    env = hub_env(hub, tmp_path / "home")
+    cmd = ("convert", local_named, tmp_path / "out", "--mlp", "nvfp4", "--push-to-hub", "org/commit-retry")
+    hub.state.fail_commits = 1
+    p = run_qstream(*cmd, env=env)
+    assert p.returncode == 2 and "committing" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not hub.state.tree("org/commit-retry").get("config.json")
+    puts = len(hub.state.stats.puts)
+    p = run_qstream(*cmd, env=env)
+    assert p.returncode == 0, p.stderr
+    assert len(hub.state.stats.puts) == puts  # every shard was already on the Hub: nothing sent again
+    assert "already done (checksum verified), kept" in p.stdout
+    files = hub.state.tree("org/commit-retry")
+    assert "config.json" in files and any(f.endswith(".safetensors") for f in files)

@@ -13,7 +13,7 @@ from qstream.errors import QStreamError
 
 PKG = Path(__file__).resolve().parent.parent / "qstream"
 DECLARED = {"safetensors", "numpy", "ml_dtypes", "huggingface_hub", "zstandard", "rich", "click", "numba",
-            "llvmlite"}  # llvmlite: numba's own code generator, a required dependency of numba (kernels.py intrinsics)
+            "llvmlite", "yaml"}  # yaml: pyyaml (the model card metadata); llvmlite: numba's own code generator, a required dependency of numba (kernels.py intrinsics)
 
 
 def test_error_message_needs_no_undeclared_module(monkeypatch):

@@ -52,9 +52,10 @@ def test_journal_save_fsyncs_file_and_folder(tmp_path, fsyncs):
 def test_push_state_is_written_durably(tmp_path, fsyncs):
     """push.json (what an interrupted push resumes from) is fsynced and its folder too."""
     from qstream.hub import HubPusher, read_push_state
+    from qstream.writer import STAGING_DIR
 
-    staging = tmp_path / ".qstream"
-    staging.mkdir()
+    staging = tmp_path / STAGING_DIR
+    staging.mkdir(parents=True)
     p = HubPusher("org/model", tmp_path, "fingerprint")
     p.parent = "0" * 40
     p._save_state()
@@ -79,8 +80,9 @@ def test_one_atomic_write_helper():
 
 def _shard(tmp_path: Path):
     from qstream.plan import OutShard
+    from qstream.writer import STAGING_DIR
 
-    (tmp_path / ".qstream").mkdir(exist_ok=True)
+    (tmp_path / STAGING_DIR).mkdir(parents=True, exist_ok=True)
     return OutShard("model-00001-of-00001.safetensors", [], b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
 
 

@@ -76,6 +76,10 @@ NVFP4 = Scheme(
     "scale per tensor (shared by fused partners); 4.5 bits per weight. Weight-only (NVFP4A16).",
 )
 
+# compressed-tensors (and ModelOpt) decode FP4 weights to bfloat16: an output whose config.json
+# says float16 or float32 fails at its first matmul in transformers (Half != BFloat16).
+FP4_DTYPE = "bfloat16"
+
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (MXFP4, NVFP4)}
 
 # FP8 output encodings for attention, by `--attn` name (each one module: fp8.py, fp8_block.py)

@@ -79,11 +79,17 @@ class Fp8Output:
     row_align: int
     rows_per_out_row: tuple[int, ...]
     description: str  # for `--help`
+    preset = ""  # the compressed-tensors preset name (model card)
+    summary = ""  # one sentence for the model card
 
     def outputs(self, module: str, shape: tuple[int, int], dtype: str) -> list[tuple[str, str, tuple[int, ...]]]:
         raise NotImplementedError
 
     def encode(self, x: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def decode(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """float32 weight rows of :meth:`encode`'s arrays (as compressed-tensors decodes them)."""
         raise NotImplementedError
 
     def group(self) -> dict:
@@ -102,11 +108,19 @@ def fp8_dynamic_args() -> dict:
 
 @dataclass(frozen=True)
 class _Fp8Channel(Fp8Output):
+    preset = "FP8_DYNAMIC"  # the compressed-tensors preset, as the model card names it
+    summary = ("FP8 E4M3 weights with one scale per output channel; activations quantized per token at run "
+               "time (FP8_DYNAMIC).")
+
     def outputs(self, module, shape, dtype):
         return [(module + ".weight", "F8_E4M3", shape), (module + ".weight_scale", _as_f32_dtype(dtype), (shape[0], 1))]
 
     def encode(self, x):
         return list(quantize_fp8_channel(x))
+
+    def decode(self, arrays):
+        q, scale = arrays
+        return apply_scale(decode_fp8(q), scale, "channel", 0, None)
 
     def group(self):
         return fp8_dynamic_args()

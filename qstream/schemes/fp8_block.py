@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .fp8 import E4M3, Fp8Output
+from .fp8 import E4M3, Fp8Output, apply_scale, decode_fp8
 
 BLOCK = (128, 128)
 
@@ -48,6 +48,10 @@ def quantize_fp8_block(w: np.ndarray, block: tuple[int, int] = BLOCK) -> tuple[n
 
 @dataclass(frozen=True)
 class _Fp8Block(Fp8Output):
+    preset = "FP8_BLOCK"
+    summary = ("FP8 E4M3 weights with one scale per 128x128 block; activations quantized per group of 128 at run "
+               "time (FP8_BLOCK).")
+
     def outputs(self, module, shape, dtype):
         out, inp = shape
         sdt = dtype if dtype in ("BF16", "F16", "F32") else "F32"
@@ -56,6 +60,10 @@ class _Fp8Block(Fp8Output):
 
     def encode(self, x):
         return list(quantize_fp8_block(x))
+
+    def decode(self, arrays):
+        q, scale = arrays
+        return apply_scale(decode_fp8(q), scale, "block", 0, BLOCK)
 
     def group(self):
         # compressed_tensors/quantization/quant_scheme.py FP8_BLOCK (fields in the order qstream writes FP8 groups)

@@ -1,0 +1,72 @@
+"""The error of an FP4 block as written, for the model card: the block decoded the way
+compressed-tensors decodes it (FP4 value x block scale [/ global scale], rounded to
+bfloat16; :mod:`qstream.verify_decode`, bit for bit) against the source values, summed in
+one fused pass (no decoded copy of the block is made)."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+from numba import njit
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+@njit(nogil=True, cache=True)
+def _fp4_error(w, w_bf16, packed, mult, group, lut):  # pragma: no cover - compiled
+    rows, half = packed.shape
+    cols = half * 2
+    dec = np.empty(cols, np.float32)
+    dec_bits = dec.view(np.uint32)
+    src = np.empty(cols, np.float32)
+    src_bits = src.view(np.uint32)
+    a = 0.0
+    b = 0.0
+    for r in range(rows):
+        for g in range(cols // group):
+            m = mult[r, g]
+            for j in range(g * group // 2, (g + 1) * group // 2):
+                byte = packed[r, j]
+                dec[2 * j] = lut[byte & 15] * m
+                dec[2 * j + 1] = lut[byte >> 4] * m
+        for c in range(cols):  # round to nearest even bfloat16, as .astype(bfloat16) does (finite values)
+            u = dec_bits[c]
+            dec_bits[c] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        if w_bf16.shape[0]:
+            for c in range(cols):
+                src_bits[c] = np.uint32(w_bf16[r, c]) << np.uint32(16)
+        else:
+            for c in range(cols):
+                src[c] = w[r, c]
+        ra = 0.0
+        rb = 0.0
+        for c in range(cols):
+            x = np.float64(src[c])
+            d = np.float64(src[c] - dec[c])
+            ra += x * x
+            rb += d * d
+        a += ra
+        b += rb
+    return a, b
+
+
+_LUT = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
+_E4M3 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+def fp4_error(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, global_scale=None,
+              e8m0: np.ndarray | None = None) -> tuple[float, float]:
+    """(sum x^2, sum (x - decoded)^2) of one block: NVFP4 with ``global_scale``, else MXFP4
+    (``e8m0``: the float32 value of each E8M0 scale byte, as compressed-tensors decodes it)."""
+    if global_scale is not None:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            mult = (_E4M3[scale.view(np.uint8)] / np.float32(global_scale)).astype(np.float32)
+        group = 16
+    else:
+        mult = e8m0[scale.view(np.uint8)]
+        group = 32
+    if x.dtype == _BF16:
+        bits, w = np.ascontiguousarray(x).view(np.uint16), np.empty((0, 0), np.float32)
+    else:
+        bits, w = np.empty((0, 0), np.uint16), np.ascontiguousarray(x, dtype=np.float32)
+    return _fp4_error(w, bits, np.ascontiguousarray(packed), np.ascontiguousarray(mult), group, _LUT)
