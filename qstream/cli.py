@@ -303,6 +303,34 @@ def verify(dst, source, as_json, top, max_rel_error, threads):
         sys.exit(1)
 
 
+@main.command("eval")
+@click.argument("dst", type=click.Path(exists=True, file_okay=False))
+@click.option("--source", "source", type=click.Path(exists=True, file_okay=False), required=True,
+              help="The checkpoint DST was converted from (the reference distribution).")
+@click.option("--text", "text", required=True, help="UTF-8 text file (or .jsonl with a 'text' field) to score.")
+@click.option("--tokens", type=click.IntRange(min=2), default=8192, show_default=True,
+              help="Score the first N tokens of the text (source tokenizer, no special tokens).")
+@click.option("--ctx", type=click.IntRange(min=2), default=1024, show_default=True,
+              help="Window length: non-overlapping windows, each scored from its second token.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(dst, source, text, tokens, ctx, as_json):
+    """Run DST and its source side by side one decoder layer at a time (never a whole model; CUDA when present)
+    and report KL divergence (mean, median, p99), both perplexities, top-1 agreement and per-layer drift.
+    Needs torch and transformers: pip install 'qstream[calibrate]'."""
+    try:
+        from .evaluate import evaluate_text, print_result
+    except ImportError as e:
+        raise QStreamError(f"qstream eval needs torch and transformers ({e}); install them with "
+                           "pip install 'qstream[calibrate]'.") from e
+    console = _console(as_json)
+    r = evaluate_text(dst, source, text, tokens, ctx,
+                      on_layer=None if as_json or not err.is_terminal else lambda i, n: err.print(f"layer {i + 1}/{n}", end="\r"))
+    if as_json:
+        click.echo(json.dumps(r.to_json(), indent=1))
+    else:
+        print_result(r, console)
+
+
 def _sigterm(signum, frame):  # pragma: no cover - exercised by the resume tests
     raise KeyboardInterrupt
 

@@ -1,0 +1,126 @@
+"""`qstream eval`: the layer-by-layer figures equal those of both models loaded whole in
+transformers (KL within 1% relative, perplexity within 0.1%), on the tiny fixture and on
+SmolLM2; the CLI prints them as JSON; a run without `eval` never imports torch."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from conftest import REPO, run_qstream  # noqa: E402
+from qstream.convert import convert  # noqa: E402
+from qstream.evaluate import evaluate, windows  # noqa: E402
+from qstream.plan import Options, make_plan  # noqa: E402
+from qstream.source import open_checkpoint  # noqa: E402
+
+TEXT = REPO / "tests" / "data" / "pride_and_prejudice.txt"
+
+
+def _convert(src, dst, **opts):
+    convert(make_plan(open_checkpoint(src), Options(**opts)), dst, threads=2)
+    return dst
+
+
+def _whole(src, dst, ids, ctx):
+    """The same metrics with both models loaded whole in transformers (bf16, CT dequantized)."""
+    import smollm2
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).eval()
+    test = smollm2.load_causal_lm(dst)
+    kls, nll_ref, nll_test, agree, n = [], 0.0, 0.0, 0, 0
+    for w in windows(ids, ctx):
+        t = w[1:].unsqueeze(1)
+        a = smollm2._window_logprobs(ref, w)
+        b = smollm2._window_logprobs(test, w)
+        nll_ref -= float(a.gather(1, t).double().sum())
+        nll_test -= float(b.gather(1, t).double().sum())
+        kls.append((a.exp() * (a - b)).sum(-1).double().numpy())
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += t.shape[0]
+    kl = np.concatenate(kls)
+    return {"kld_mean": kl.mean(), "kld_median": np.median(kl), "kld_p99": np.percentile(kl, 99),
+            "ppl_source": math.exp(nll_ref / n), "ppl_output": math.exp(nll_test / n), "top1_agree": agree / n,
+            "tokens": n}
+
+
+def _assert_same(r, w):
+    assert r.tokens == w["tokens"]
+    for k in ("kld_mean", "kld_median", "kld_p99"):
+        assert getattr(r, k) == pytest.approx(w[k], rel=0.01), k
+    for k in ("ppl_source", "ppl_output"):
+        assert getattr(r, k) == pytest.approx(w[k], rel=0.001), k
+    assert abs(r.top1_agree - w["top1_agree"]) <= 0.01
+    assert r.kld_mean > 0 and r.kld_median <= r.kld_p99
+
+
+@pytest.mark.parametrize("mlp", ["nvfp4", "mxfp4"])
+def test_tiny_matches_whole_model(tiny_ckpt, tmp_path, mlp):
+    dst = _convert(tiny_ckpt, tmp_path / mlp, mlp=mlp)
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0))
+    r = evaluate(dst, tiny_ckpt, ids, ctx=128, device="cpu")
+    _assert_same(r, _whole(tiny_ckpt, dst, ids, 128))
+    assert r.windows == 3 and r.tokens == 127 + 127 + 43
+    assert [d.layer for d in r.layers] == [0, 1, 2]
+    assert all(0.9 < d.cosine < 1 and 0 < d.rel_error < 0.5 for d in r.layers)
+
+
+def test_identical_model_has_no_drift(tiny_ckpt):
+    ids = torch.arange(64) % 256
+    r = evaluate(tiny_ckpt, tiny_ckpt, ids, ctx=32, device="cpu")
+    assert r.kld_mean == 0 and r.kld_p99 == 0 and r.top1_agree == 1 and r.ppl_source == r.ppl_output
+    assert all(d.rel_error == 0 and d.cosine == pytest.approx(1, abs=1e-6) for d in r.layers)
+
+
+def test_modelopt_decodes_as_compressed_tensors(tiny_ckpt, tmp_path):
+    ct = _convert(tiny_ckpt, tmp_path / "ct", mlp="nvfp4")
+    mo = _convert(tiny_ckpt, tmp_path / "mo", mlp="nvfp4", format="modelopt")
+    ids = torch.arange(100) * 7 % 256
+    a, b = (evaluate(d, tiny_ckpt, ids, ctx=50, device="cpu") for d in (ct, mo))
+    assert a.kld_mean > 0
+    assert (a.kld_mean, a.ppl_output, a.top1_agree) == (b.kld_mean, b.ppl_output, b.top1_agree)
+
+
+@pytest.mark.parametrize("mlp", ["nvfp4", "mxfp4"])
+def test_smollm2_matches_whole_model(smollm2_checkpoint, tmp_path, mlp):
+    import smollm2
+
+    dst = _convert(smollm2_checkpoint, tmp_path / mlp, mlp=mlp)
+    ids = smollm2.eval_tokens(smollm2.load_tokenizer(smollm2_checkpoint), 512)
+    r = evaluate(dst, smollm2_checkpoint, ids, ctx=256, device="cpu")
+    _assert_same(r, _whole(smollm2_checkpoint, dst, ids, 256))
+    assert len(r.layers) == 30 and r.layers[-1].rel_error > r.layers[0].rel_error
+
+
+def test_cli_json(smollm2_checkpoint, tmp_path):
+    dst = _convert(smollm2_checkpoint, tmp_path / "nv", mlp="nvfp4")
+    p = run_qstream("eval", dst, "--source", smollm2_checkpoint, "--text", TEXT, "--tokens", 256, "--ctx", 128,
+                    "--json", check=True)
+    out = json.loads(p.stdout)
+    for k in ("kld_mean", "kld_median", "kld_p99", "ppl_source", "ppl_output", "top1_agree", "tokens", "layers"):
+        assert k in out, k
+    assert out["tokens"] == 254 and len(out["layers"]) == 30
+    assert 0 < out["kld_mean"] < 1 and out["ppl_output"] > out["ppl_source"] > 1
+
+
+def test_cli_errors(tiny_ckpt, tmp_path):
+    p = run_qstream("eval", tiny_ckpt, "--source", tiny_ckpt, "--text", tmp_path / "missing.txt")
+    assert p.returncode != 0 and "missing.txt" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_convert_never_imports_torch(tiny_ckpt, tmp_path):
+    code = ("import sys; import qstream.cli as c; sys.argv = ['qstream', 'convert', sys.argv[1], sys.argv[2], "
+            "'--mlp', 'nvfp4', '-q']\ntry:\n    c.run()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\nprint('ok')")
+    p = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt), str(tmp_path / "out")], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr
+    assert (tmp_path / "out" / "config.json").is_file()
