@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 from .errors import QStreamError
-from .layerwise import Skeleton, WeightStore, default_device, head_logits, read_config, run_layer
+from .layerwise import (Skeleton, WeightStore, default_device, head_logits, read_config, return_freed_memory,
+                        run_layer)
 
 DEFAULT_TOKENS = 8192
 DEFAULT_CTX = 1024
+LOGITS_BYTES = 16 << 20  # float32 logits per block of positions, per side
 
 
 @dataclass
@@ -143,6 +145,7 @@ def evaluate(dst: str | Path, src: str | Path, ids: torch.Tensor, ctx: int = DEF
              on_layer: Callable[[int, int], None] | None = None) -> EvalResult:
     """Run DST and SRC side by side on token ``ids`` (1-D), one decoder layer at a time."""
     t0 = time.perf_counter()
+    return_freed_memory()
     dst, src = Path(dst), Path(src)
     device = torch.device(device) if device is not None else default_device()
     if ctx < 2:
@@ -175,30 +178,46 @@ def evaluate(dst: str | Path, src: str | Path, ids: torch.Tensor, ctx: int = DEF
             norm = sk.materialize(sk.decoder.norm, f"{sk.prefix}.norm", st, device)
             hs[side] = [norm(h) for h in hs[side]]
             del norm
-        heads = []
-        for st in stores:
-            name = sk.head if sk.head in st or not sk.tied else sk.tied
-            heads.append(st.tensor(name, sk.dtype, device))
+        names = [sk.head if sk.head in st or not sk.tied else sk.tied for st in stores]
+        heads = [stores[0].tensor(names[0], sk.dtype, device)]
+        # a head kept byte for byte (qstream's default) is held once
+        heads.append(heads[0] if stores[1].same_bytes(names[1], stores[0], names[0])
+                     else stores[1].tensor(names[1], sk.dtype, device))
     finally:
         for st in stores:
             st.close()
+    r = score(wins, hs[0], hs[1], heads[0], heads[1])
+    r.layers, r.ctx, r.device, r.seconds = drift, ctx, str(device), time.perf_counter() - t0
+    return r
+
+
+def score(wins: list[torch.Tensor], src_hidden: list[torch.Tensor], out_hidden: list[torch.Tensor],
+          src_head: torch.Tensor, out_head: torch.Tensor) -> EvalResult:
+    """The metrics from each window's final (normed) hidden states [1, len, hidden] of both
+    sides and their lm_head weights; float32 logits a block of positions at a time."""
+    hs, heads = (src_hidden, out_hidden), (src_head, out_head)
+    device = src_head.device
     kls, nll = [], [0.0, 0.0]
     agree = count = 0
+    step = max(1, LOGITS_BYTES // (4 * heads[0].shape[0]))  # positions per block of float32 logits
     for k, w in enumerate(wins):
-        target = w[1:].to(device).unsqueeze(1)
-        lp = [torch.log_softmax(head_logits(hs[s][k][0, :-1], heads[s]), dim=-1) for s in (0, 1)]
-        for s in (0, 1):
-            nll[s] += -float(lp[s].gather(1, target).double().sum())
-        kls.append((lp[0].exp() * (lp[0] - lp[1])).sum(dim=-1).double().cpu().numpy())
-        agree += int((lp[0].argmax(-1) == lp[1].argmax(-1)).sum())
-        count += target.shape[0]
-        del lp
+        targets = w[1:].to(device).unsqueeze(1)
+        for p0 in range(0, targets.shape[0], step):
+            p1 = min(targets.shape[0], p0 + step)
+            target = targets[p0:p1]
+            lp = [torch.log_softmax(head_logits(hs[s][k][0, p0:p1], heads[s]), dim=-1) for s in (0, 1)]
+            for s in (0, 1):
+                nll[s] += -float(lp[s].gather(1, target).double().sum())
+            kls.append((lp[0].exp() * (lp[0] - lp[1])).sum(dim=-1).double().cpu().numpy())
+            agree += int((lp[0].argmax(-1) == lp[1].argmax(-1)).sum())
+            count += target.shape[0]
+            del lp
     kl = np.concatenate(kls)
     return EvalResult(
         kld_mean=float(kl.mean()), kld_median=float(np.median(kl)), kld_p99=float(np.percentile(kl, 99)),
         ppl_source=math.exp(nll[0] / count), ppl_output=math.exp(nll[1] / count), top1_agree=agree / count,
-        tokens=count, windows=len(wins), ctx=ctx, layers=drift, text_tokens=int(sum(w.numel() for w in wins)),
-        device=str(device), seconds=time.perf_counter() - t0, kld=kl)
+        tokens=count, windows=len(wins), ctx=max(int(w.numel()) for w in wins),
+        text_tokens=int(sum(w.numel() for w in wins)), kld=kl)
 
 
 def evaluate_text(dst: str | Path, src: str | Path, text: str | Path, n_tokens: int = DEFAULT_TOKENS,

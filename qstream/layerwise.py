@@ -55,6 +55,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def return_freed_memory() -> None:
+    """Have glibc serve allocations of 1 MB and more by mmap, so that a freed layer or
+    logits block goes back to the OS at once. By default glibc raises that threshold to
+    32 MB as big blocks are freed and then keeps them in its heap: a run that frees one
+    layer per step would grow by fragments of each. A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+
+
 def _to_torch(a: np.ndarray) -> torch.Tensor:
     """A numpy array (bf16 from ml_dtypes included) as a torch tensor, without a copy."""
     a = np.ascontiguousarray(a)
@@ -121,6 +138,19 @@ class WeightStore:
             raise QStreamError(f"{info.path.name}: tensor {name!r} is {info.dtype}, which qstream eval cannot decode "
                                "(it reads float, FP8 with scales, compressed-tensors NVFP4/MXFP4 and ModelOpt NVFP4).")
         return self._read(info)
+
+    def same_bytes(self, name: str, other: "WeightStore", other_name: str, block: int = 16 << 20) -> bool:
+        """Whether ``name`` is stored unquantized with the same dtype, shape and bytes as
+        ``other_name`` in ``other`` (read a block at a time)."""
+        a, b = self.tensors.get(name), other.tensors.get(other_name)
+        if a is None or b is None or (a.dtype, a.shape) != (b.dtype, b.shape) or name in self.fp8 \
+                or a.dtype not in FLOAT_SOURCE_DTYPES:
+            return False
+        for off in range(0, a.nbytes, block):
+            n = min(block, a.nbytes - off)
+            if self.reader.read_bytes(a.path, a.begin + off, n) != other.reader.read_bytes(b.path, b.begin + off, n):
+                return False
+        return True
 
     def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return _to_torch(self.decode(name)).to(device=device, dtype=dtype)
@@ -301,7 +331,7 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) 
     return out[0] if isinstance(out, tuple) else out
 
 
-def head_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk_bytes: int = 256 << 20) -> torch.Tensor:
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor:
     """float32 logits ``hidden.float() @ weight.float().T``, the head cast to float32 a
     block of vocabulary rows at a time (a bf16 head of a large vocabulary would otherwise
     double in memory)."""
