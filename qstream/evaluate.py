@@ -133,10 +133,13 @@ class _Drift:
 
 
 def _check_pair(src_cfg: dict, dst_cfg: dict, dst: Path, src: Path) -> None:
+    def get(cfg: dict, key: str):
+        return cfg.get(key, (cfg.get("text_config") or {}).get(key))
+
     for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
-        if src_cfg.get(key) != dst_cfg.get(key):
-            raise QStreamError(f"{dst}/config.json: {key} is {dst_cfg.get(key)!r} but the source's ({src}) is "
-                               f"{src_cfg.get(key)!r}; pass the --source that {dst} was converted from.")
+        if get(src_cfg, key) != get(dst_cfg, key):
+            raise QStreamError(f"{dst}/config.json: {key} is {get(dst_cfg, key)!r} but the source's ({src}) is "
+                               f"{get(src_cfg, key)!r}; pass the --source that {dst} was converted from.")
 
 
 @torch.inference_mode()
@@ -156,8 +159,8 @@ def evaluate(dst: str | Path, src: str | Path, ids: torch.Tensor, ctx: int = DEF
                            "--tokens (a window needs at least 2).")
     src_cfg, dst_cfg = read_config(src), read_config(dst)
     _check_pair(src_cfg, dst_cfg, dst, src)
-    sk = Skeleton.build(src_cfg)
     stores = (WeightStore(src), WeightStore(dst))
+    sk = Skeleton.build(src_cfg, set(stores[0].tensors))
     try:
         hs = [[sk.embed(w, st, device) for w in wins] for st in stores]  # [side][window]
         calls = [sk.layer_inputs(h) for h in hs[0]]  # [window][layer]

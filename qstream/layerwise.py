@@ -224,13 +224,19 @@ class Skeleton:
     tied: str | None  # name to read when ``head`` is not stored (tied embeddings)
 
     @classmethod
-    def build(cls, config: dict) -> "Skeleton":
+    def build(cls, config: dict, names: set[str] | None = None) -> "Skeleton":
+        """The causal LM of ``config`` (a multimodal model's text model alone, e.g. Mistral3's
+        language model) on the meta device; ``names`` (the checkpoint's tensor names) tell
+        where its decoder sits in the checkpoint."""
         from transformers import AutoModelForCausalLM
 
         cfg = _model_config(config)
-        if getattr(cfg, "text_config", None) is not None and getattr(cfg, "vision_config", None) is not None:
-            raise QStreamError(f"config.json: {cfg.model_type} is multimodal; qstream eval runs text-only causal "
-                               "LMs for now (the Mistral3 text tower is not wired yet).")
+        text = getattr(cfg, "text_config", None)
+        multimodal = text is not None and getattr(cfg, "vision_config", None) is not None
+        if multimodal:
+            if "tie_word_embeddings" in config:
+                text.tie_word_embeddings = config["tie_word_embeddings"]
+            cfg = text
         name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").removeprefix("torch.")
         dtype = TORCH_DTYPES.get(name, torch.bfloat16)
         try:
@@ -240,17 +246,23 @@ class Skeleton:
             raise QStreamError(f"config.json: transformers has no causal LM for {cfg.model_type} ({e}).") from e
         model.eval()
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        prefix = next(n for n, m in model.named_modules() if m is decoder)
-        head_mod = model.get_output_embeddings()
-        head = next(n for n, m in model.named_modules() if m is head_mod) + ".weight"
-        embed = next(n for n, m in model.named_modules() if m is decoder.embed_tokens) + ".weight"
-        tied = embed if getattr(cfg, "tie_word_embeddings", False) else None
-        sk = cls(model, decoder, dtype, prefix, head, tied)
         for mod in ("embed_tokens", "layers", "norm"):
             if not hasattr(decoder, mod):
                 raise QStreamError(f"config.json: {type(decoder).__name__} has no {mod}; qstream eval does not know "
                                    "how to run this family layer by layer.")
-        return sk
+        prefix = next(n for n, m in model.named_modules() if m is decoder)
+        head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings()) + ".weight"
+        if multimodal:  # transformers 5 names (model.language_model.*, lm_head) or the older ones
+            for p, h in (("model.language_model", head), ("language_model.model", "language_model." + head)):
+                if names is None or f"{p}.embed_tokens.weight" in names:
+                    prefix, head = p, h
+                    break
+            else:
+                raise QStreamError(f"config.json: {config.get('model_type')} is multimodal, but the checkpoint holds "
+                                   "neither model.language_model.embed_tokens.weight nor "
+                                   "language_model.model.embed_tokens.weight; qstream eval cannot find its text model.")
+        tied = f"{prefix}.embed_tokens.weight" if getattr(cfg, "tie_word_embeddings", False) else None
+        return cls(model, decoder, dtype, prefix, head, tied)
 
     @property
     def num_layers(self) -> int:

@@ -29,13 +29,26 @@ def _convert(src, dst, **opts):
     return dst
 
 
+def _load(path):
+    """A whole model in bf16 (a compressed-tensors output dequantized, as examples/smollm2.py
+    loads it); a multimodal one (Mistral3) as transformers' image-text-to-text model."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CompressedTensorsConfig
+
+    cfg = json.loads((path / "config.json").read_text())
+    kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if "quantization_config" in cfg else {}
+    auto = AutoModelForImageTextToText if "vision_config" in cfg else AutoModelForCausalLM
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return auto.from_pretrained(str(path), dtype=torch.bfloat16, **kw).eval()
+
+
 def _whole(src, dst, ids, ctx):
     """The same metrics with both models loaded whole in transformers (bf16, CT dequantized)."""
     import smollm2
-    from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).eval()
-    test = smollm2.load_causal_lm(dst)
+    ref, test = _load(src), _load(dst)
     kls, nll_ref, nll_test, agree, n = [], 0.0, 0.0, 0, 0
     for w in windows(ids, ctx):
         t = w[1:].unsqueeze(1)
@@ -124,3 +137,33 @@ def test_convert_never_imports_torch(tiny_ckpt, tmp_path):
                        text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_block_fp8_source(tmp_path):
+    """Qwen3 with 128x128 block FP8 weights (partial edge blocks): the source is decoded as
+    fp8 * scale; the whole-model reference is its BF16 twin (the same values) against the
+    output with attention dequantized to BF16 (a single-scheme output CT can dequantize)."""
+    from synth import write_qwen3_block_fp8
+
+    src = write_qwen3_block_fp8(tmp_path / "fp8", twin=tmp_path / "twin")
+    dst = _convert(src, tmp_path / "nv", mlp="nvfp4", attn="bf16")
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(1))
+    r = evaluate(dst, src, ids, ctx=100, device="cpu")
+    _assert_same(r, _whole(tmp_path / "twin", dst, ids, 100))
+    # the FP8 attention kept as it is (FP8 block weights in the output) decodes to the source's values
+    kept = _convert(src, tmp_path / "kept", mlp="none")
+    k = evaluate(kept, src, ids, ctx=100, device="cpu")
+    assert k.kld_mean == 0 and all(d.rel_error == 0 for d in k.layers)
+
+
+def test_mistral3_text_tower_fp8(tmp_path):
+    """Mistral3 from Mistral's per-tensor FP8 layout: only the text model runs; against the
+    BF16 twin loaded whole (Mistral3ForConditionalGeneration) and the output dequantized."""
+    from synth import write_mistral3_fp8
+
+    src = write_mistral3_fp8(tmp_path / "fp8", twin=tmp_path / "twin")
+    dst = _convert(src, tmp_path / "nv", mlp="nvfp4", attn="bf16")
+    ids = torch.randint(0, 256, (120,), generator=torch.Generator().manual_seed(2))
+    r = evaluate(dst, src, ids, ctx=60, device="cpu")
+    assert len(r.layers) == 2
+    _assert_same(r, _whole(tmp_path / "twin", dst, ids, 60))
