@@ -276,7 +276,7 @@ class Skeleton:
             full = f"{name}.{key}"
             if full not in store and full == self.head and self.tied:
                 full = self.tied
-            x = store.tensor(full, t.dtype, device)
+            x = store.tensor(full, t.dtype, device) if full in store else _experts(store, full, t.dtype, device)
             if tuple(x.shape) != tuple(t.shape):
                 raise QStreamError(f"{store.root}: {full} has shape {list(x.shape)} but config.json gives "
                                    f"{list(t.shape)}; the checkpoint does not match its config.")
@@ -335,6 +335,34 @@ class Skeleton:
             raise QStreamError(f"{type(dec).__name__}: its forward called {len(calls)} of {n} decoder layers; "
                                "qstream eval cannot run this family layer by layer.")
         return calls
+
+
+# transformers 5 holds a MoE layer's experts as 3-D parameters [E, 2I, H] and [E, H, I]; the
+# checkpoints hold them per expert (its conversion_mapping: qwen2_moe / qwen3_moe, mixtral).
+EXPERT_NAMES = ((".mlp.", "gate_proj", "up_proj", "down_proj"), (".block_sparse_moe.", "w1", "w3", "w2"))
+
+
+def _experts(store: WeightStore, full: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fused 3-D expert parameter (``....experts.gate_up_proj`` / ``.down_proj``) built from
+    the checkpoint's per-expert weights (gate and up concatenated on the output axis)."""
+    pre, _, param = full.rpartition(".experts.")
+    if param in ("gate_up_proj", "down_proj") and ".mlp" in pre:
+        for mlp, gate, up, down in EXPERT_NAMES:
+            base = pre.replace(".mlp", mlp.rstrip("."), 1) + ".experts"
+            parts = (gate, up) if param == "gate_up_proj" else (down,)
+            if f"{base}.0.{parts[0]}.weight" not in store:
+                continue
+            out = []
+            e = 0
+            while f"{base}.{e}.{parts[0]}.weight" in store:
+                out.append(torch.cat([store.tensor(f"{base}.{e}.{x}.weight", dtype, device) for x in parts], 0))
+                e += 1
+            return torch.stack(out)
+    if ".mlp." in full:  # Mixtral's router and the rest: block_sparse_moe in the checkpoint
+        alt = full.replace(".mlp.", ".block_sparse_moe.", 1)
+        if alt in store:
+            return store.tensor(alt, dtype, device)
+    return store.tensor(full, dtype, device)  # raises: names the missing tensor
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
