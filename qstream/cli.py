@@ -79,7 +79,7 @@ def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, 
 # Options that do not change the output: left out of the command recorded in the model
 # card, so that a resumed run, another --threads or a push writes the same card.
 _RUN_ONLY_FLAGS = {"--resume", "--overwrite", "-q", "--quiet", "--dry-run", "--low-disk", "--private"}
-_RUN_ONLY_VALUES = {"--threads", "--push-to-hub", "--push-revision", "--commit-message"}
+_RUN_ONLY_VALUES = {"--threads", "--push-to-hub", "--push-revision", "--commit-message", "--eval"}
 
 
 def card_command(argv: list[str]) -> str:
@@ -209,8 +209,11 @@ def inspect(src, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, t
 @click.option("--push-revision", metavar="BRANCH", default=None,
               help="With --push-to-hub: the branch to commit to (created from main if missing; default main).")
 @click.option("--commit-message", default=None, help="With --push-to-hub: the commit title.")
+@click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="After converting, run `qstream eval` on this text (8192 tokens, 1024-token windows) and write "
+                   "the figures into the model card. Needs a local SRC and the calibrate extra.")
 def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, dry_run, overwrite, resume, threads, quiet,
-            revision, low_disk, push_to_hub, private, push_revision, commit_message):
+            revision, low_disk, push_to_hub, private, push_revision, commit_message, eval_text):
     """Convert SRC (a checkpoint folder, or a Hub repo id like org/name) into DST (a new folder)."""
     from .convert import Executor
     from .hub import DOWNLOADS, DiskMeter, HubHooks, HubPusher, push_resumable, source_label
@@ -220,6 +223,9 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
     for flag, value in (("--private", private), ("--push-revision", push_revision), ("--commit-message", commit_message)):
         if value and not push_to_hub:
             raise click.UsageError(f"{flag} needs --push-to-hub.")
+    if eval_text and (push_to_hub or not Path(src).is_dir()):
+        raise click.UsageError("--eval needs a local SRC folder and no --push-to-hub (the card is pushed before "
+                               "the eval could run); run `qstream eval` and push afterwards.")
     console = _console(quiet)
     download_dir = (Path(dst) / STAGING_DIR / DOWNLOADS).absolute() if low_disk else None
     plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, download_dir=download_dir,
@@ -255,6 +261,8 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
     finally:
         done()
         hooks.close()
+    if eval_text:
+        _eval_into_card(dstp, src, eval_text, console)
     if pusher is not None and pusher.result is not None:
         console.print(f"pushed to {pusher.result.repo_id}: commit {pusher.result.commit} ({pusher.result.url})")
     if meter is not None:
@@ -301,6 +309,17 @@ def verify(dst, source, as_json, top, max_rel_error, threads):
         print_report(report, _console(False), err, top)
     if not report.ok:
         sys.exit(1)
+
+
+def _eval_into_card(dst: Path, src: str, text: str, console: Console) -> None:
+    try:
+        from .evaluate import evaluate_text, print_result, write_card_section
+    except ImportError as e:
+        raise QStreamError(f"--eval needs torch and transformers ({e}); install them with "
+                           "pip install 'qstream[calibrate]'.") from e
+    r = evaluate_text(dst, src, text)
+    print_result(r, console)
+    console.print(f"eval figures written into {write_card_section(dst, r)}")
 
 
 @main.command("eval")

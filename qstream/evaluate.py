@@ -253,3 +253,41 @@ def print_result(r: EvalResult, console) -> None:
     for x in r.layers:
         d.add_row(str(x.layer), f"{x.cosine:.6f}", f"{x.rel_error:.5f}")
     console.print(d)
+
+
+CARD_BEGIN = "<!-- qstream eval -->"
+CARD_END = "<!-- /qstream eval -->"
+
+
+def card_section(r: EvalResult) -> str:
+    """The model card's quality section for an eval result."""
+    worst = max(r.layers, key=lambda d: d.rel_error) if r.layers else None
+    lines = [CARD_BEGIN, "## Quality against the source", "",
+             f"Measured by `qstream eval` on {r.text or 'a text'} ({r.text_tokens} tokens, {r.tokens} scored "
+             f"positions in {r.ctx}-token windows): this model and its source run side by side, one decoder layer "
+             "at a time, each decoded as its loader decodes it. KL divergence of this model's next-token "
+             "distribution from the source's, over the full vocabulary, in nats.", "",
+             "| KL mean | KL median | KL p99 | perplexity, source | perplexity, this model | top-1 agreement |",
+             "|---:|---:|---:|---:|---:|---:|",
+             f"| {r.kld_mean:.4f} | {r.kld_median:.4f} | {r.kld_p99:.4f} | {r.ppl_source:.3f} | {r.ppl_output:.3f} "
+             f"| {r.top1_agree:.3f} |", ""]
+    if worst is not None:
+        last = r.layers[-1]
+        lines += [f"Hidden states after the last decoder layer: cosine {last.cosine:.4f}, relative error "
+                  f"{last.rel_error:.4f} (largest after layer {worst.layer}: {worst.rel_error:.4f}).", ""]
+    lines.append(CARD_END)
+    return "\n".join(lines) + "\n"
+
+
+def write_card_section(dst: str | Path, r: EvalResult) -> Path:
+    """Put the eval section into DST/README.md (replacing an earlier one), atomically."""
+    from .writer import write_atomic
+
+    card = Path(dst) / "README.md"
+    text = card.read_text(encoding="utf-8") if card.exists() else ""
+    a, b = text.find(CARD_BEGIN), text.find(CARD_END)
+    if a >= 0 and b > a:
+        text = text[:a].rstrip("\n") + "\n\n" + text[b + len(CARD_END):].lstrip("\n")
+    text = text.rstrip("\n") + "\n\n" + card_section(r)
+    write_atomic(card, text)
+    return card

@@ -102,19 +102,32 @@ def test_modelopt_decodes_as_compressed_tensors(tiny_ckpt, tmp_path):
     assert (a.kld_mean, a.ppl_output, a.top1_agree) == (b.kld_mean, b.ppl_output, b.top1_agree)
 
 
+@pytest.fixture(scope="module")
+def smollm2_outputs(smollm2_checkpoint, tmp_path_factory):
+    """SmolLM2 converted once per scheme (default --scale-search) for this module."""
+    root = tmp_path_factory.mktemp("smollm2-eval")
+    made = {}
+
+    def get(mlp):
+        if mlp not in made:
+            made[mlp] = _convert(smollm2_checkpoint, root / mlp, mlp=mlp)
+        return made[mlp]
+    return get
+
+
 @pytest.mark.parametrize("mlp", ["nvfp4", "mxfp4"])
-def test_smollm2_matches_whole_model(smollm2_checkpoint, tmp_path, mlp):
+def test_smollm2_matches_whole_model(smollm2_checkpoint, smollm2_outputs, mlp):
     import smollm2
 
-    dst = _convert(smollm2_checkpoint, tmp_path / mlp, mlp=mlp)
+    dst = smollm2_outputs(mlp)
     ids = smollm2.eval_tokens(smollm2.load_tokenizer(smollm2_checkpoint), 512)
     r = evaluate(dst, smollm2_checkpoint, ids, ctx=256, device="cpu")
     _assert_same(r, _whole(smollm2_checkpoint, dst, ids, 256))
     assert len(r.layers) == 30 and r.layers[-1].rel_error > r.layers[0].rel_error
 
 
-def test_cli_json(smollm2_checkpoint, tmp_path):
-    dst = _convert(smollm2_checkpoint, tmp_path / "nv", mlp="nvfp4")
+def test_cli_json(smollm2_checkpoint, smollm2_outputs):
+    dst = smollm2_outputs("nvfp4")
     p = run_qstream("eval", dst, "--source", smollm2_checkpoint, "--text", TEXT, "--tokens", 256, "--ctx", 128,
                     "--json", check=True)
     out = json.loads(p.stdout)
@@ -213,3 +226,30 @@ def _ct_decompressed(dst, out):
     cfg.pop("quantization_config")
     (out / "config.json").write_text(json.dumps(cfg))
     return out
+
+
+def test_convert_eval_writes_the_card(smollm2_checkpoint, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text(TEXT.read_text(encoding="utf-8")[:1500], encoding="utf-8")
+    dst = tmp_path / "out"
+    p = run_qstream("convert", smollm2_checkpoint, dst, "--mlp", "nvfp4", "--eval", text, check=True)
+    card = (dst / "README.md").read_text()
+    assert card.count("## Quality against the source") == 1 and "short.txt" in card
+    row = card.split("|---:|---:|---:|---:|---:|---:|\n")[1].splitlines()[0]
+    kl_mean, _, _, ppl_src, ppl_out, top1 = (float(x) for x in row.strip("|").split("|"))
+    assert 0 < kl_mean < 1 and ppl_out > ppl_src > 1 and 0.5 < top1 <= 1
+    assert "--eval" not in card  # the recorded command is the conversion's own
+    assert "KL mean" in p.stdout
+
+
+def test_card_section_is_replaced_not_repeated(tmp_path):
+    from qstream.evaluate import EvalResult, LayerDrift, write_card_section
+
+    (tmp_path / "README.md").write_text("# model\n\ntext\n")
+    r = EvalResult(0.1, 0.05, 0.9, 20.0, 22.0, 0.8, 100, 1, 101, [LayerDrift(0, 0.99, 0.1)], text="a.txt",
+                   text_tokens=101)
+    write_card_section(tmp_path, r)
+    r.kld_mean = 0.2
+    card = write_card_section(tmp_path, r).read_text()
+    assert card.startswith("# model\n\ntext\n") and card.count("Quality against the source") == 1
+    assert "| 0.2000 |" in card and "| 0.1000 |" not in card
