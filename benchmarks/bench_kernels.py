@@ -11,6 +11,12 @@ all cores). Reported per run: wall-clock rate, and the rate per CPU-second (byte
 process CPU time), which is what one core delivers and is not inflated or deflated by
 other load on a shared machine. Best of ``--repeat`` runs.
 
+``--compare DIR``: every row is measured twice, side by side in the same run, with the
+kernels of this checkout and with those of another one (``DIR`` holds its ``qstream``
+package, e.g. ``git archive BASE qstream | tar -x -C DIR``), each in a fresh process
+that imports only its own copy; the table gets a "before" (DIR) and an "after" (this
+checkout) rate per CPU-second, and their ratio.
+
 Compile time: a fresh process with an empty numba cache (``NUMBA_CACHE_DIR``) compiles
 the kernels (``kernels.warmup``), first the round-to-nearest ones, then the scale-search
 ones (serial), then the ``parallel=True`` variants; a second fresh process loads them all
@@ -32,7 +38,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(os.environ.get("QSTREAM_BENCH_REPO") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(REPO))
 
 BLOCK_BYTES = 16 << 20  # qstream.convert.BLOCK_BYTES
@@ -103,6 +109,35 @@ def run(K, w, gs, scheme, search, threads) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def matrix(rows: int, cols: int):
+    return (np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)).astype(
+        ml_dtypes.bfloat16)
+
+
+def measure_row(K, R, w, gs, scheme, search, threads, repeat) -> list[float]:
+    """[1-thread wall MB/s, per CPU-s, N-thread wall, per CPU-s], best of ``repeat``."""
+    mb = w.nbytes / 1e6
+    cells = []
+    for t in (1, threads):
+        best_wall, best_cpu = float("inf"), float("inf")
+        for _ in range(repeat):
+            wall, cpu = run(K, w, gs, scheme, search, t)
+            best_wall, best_cpu = min(best_wall, wall), min(best_cpu, cpu)
+        cells += [mb / best_wall, mb / best_cpu]
+    return cells
+
+
+def row_in(repo: Path, args, scheme: str, search: str) -> list[float]:
+    """measure_row in a fresh process importing the qstream package under ``repo``."""
+    import json
+
+    env = dict(os.environ, QSTREAM_BENCH_REPO=str(repo), PYTHONPATH=str(repo))
+    out = subprocess.run([sys.executable, __file__, "--row", scheme, search, "--shape", *map(str, args.shape),
+                          "--threads", str(args.threads), "--repeat", str(args.repeat)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=2, default=[14336, 4096])
@@ -110,7 +145,20 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="skip the compile-time measurement")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--compare", type=Path, help="another checkout's root (holding qstream/): before/after per row")
+    ap.add_argument("--row", nargs=2, metavar=("SCHEME", "SEARCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.row:  # one row, as JSON (the --compare subprocesses)
+        import json
+
+        from qstream.schemes import kernels as K
+        from qstream.schemes import reference as R
+
+        K.warmup(parallel=False)
+        w = matrix(*args.shape)
+        gs = R.nvfp4_global_scale(K.absmax(w), w.dtype)
+        print(json.dumps(measure_row(K, R, w, gs, *args.row, args.threads, args.repeat)))
+        return
 
     lines = ["# FP4 kernel throughput", "", f"`benchmarks/bench_kernels.py`, {time.strftime('%Y-%m-%d')}. "
              f"Machine: {machine()}.", ""]
@@ -130,12 +178,31 @@ def main() -> None:
     from qstream.schemes import kernels as K
     from qstream.schemes import reference as R
 
-    K.warmup(parallel=False)
     rows, cols = args.shape
-    w = (np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)).astype(
-        ml_dtypes.bfloat16)
+    mb = rows * cols * 2 / 1e6
+    if args.compare:
+        lines += ["## Throughput, before / after", "",
+                  f"BF16 [{rows}, {cols}] ({mb:.0f} MB), row blocks of 16 MiB, best of {args.repeat}, MB/s of BF16 "
+                  f"input per CPU-second (bytes / process CPU time: one core's rate). Before: `{args.compare}`; after: "
+                  f"`{REPO}`. Each row measures before, then after, in fresh processes, one right after the other.", "",
+                  f"| scheme | --scale-search | before: 1 thread | after: 1 thread | after / before | "
+                  f"before: {args.threads} threads | after: {args.threads} threads |", "|---|---|---:|---:|---:|---:|---:|"]
+        for scheme in ("mxfp4", "nvfp4"):
+            for search in R.SEARCH_MODES[scheme]:
+                old = row_in(args.compare, args, scheme, search)
+                new = row_in(REPO, args, scheme, search)
+                row = (f"| {scheme} | {search} | {old[1]:,.0f} | {new[1]:,.0f} | {new[1] / old[1]:.2f}x | "
+                       f"{old[3]:,.0f} | {new[3]:,.0f} |")
+                print(row, flush=True)
+                lines.append(row)
+        lines.append("")
+        if args.out:
+            args.out.write_text("\n".join(lines) + "\n")
+        return
+
+    K.warmup(parallel=False)
+    w = matrix(rows, cols)
     gs = R.nvfp4_global_scale(K.absmax(w), w.dtype)
-    mb = w.nbytes / 1e6
     lines += ["## Throughput", "",
               f"BF16 [{rows}, {cols}] ({mb:.0f} MB), row blocks of 16 MiB, best of {args.repeat}. "
               "MB/s of BF16 input; \"per CPU-s\" is bytes / process CPU time (one core's rate).", "",
@@ -143,13 +210,7 @@ def main() -> None:
               f"{args.threads} threads: per CPU-s |", "|---|---|---:|---:|---:|---:|"]
     for scheme in ("mxfp4", "nvfp4"):
         for search in R.SEARCH_MODES[scheme]:
-            cells = []
-            for threads in (1, args.threads):
-                best_wall, best_cpu = float("inf"), float("inf")
-                for _ in range(args.repeat):
-                    wall, cpu = run(K, w, gs, scheme, search, threads)
-                    best_wall, best_cpu = min(best_wall, wall), min(best_cpu, cpu)
-                cells += [f"{mb / best_wall:,.0f}", f"{mb / best_cpu:,.0f}"]
+            cells = [f"{x:,.0f}" for x in measure_row(K, R, w, gs, scheme, search, args.threads, args.repeat)]
             row = f"| {scheme} | {search} | " + " | ".join(cells) + " |"
             print(row, flush=True)
             lines.append(row)

@@ -27,14 +27,18 @@ from typing import Callable
 import numpy as np
 
 from .errors import QStreamError
-from .journal import open_journal, sha256_file
+from .journal import open_journal
 from .plan import Op, OutShard, Plan
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
-from .schemes import SCHEMES, fp8
+from .schemes import ATTN_SCHEMES, SCHEMES, fp8
 from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, write_atomic, write_json
 
 BLOCK_BYTES = 16 << 20  # source bytes per work item
 COPY_CHUNK = 64 << 20
+# NVFP4 needs a tensor's (or its fused partners') absmax before its first block can be
+# quantized: the blocks read for it are kept, up to this many bytes, and quantized from
+# memory, so that a tensor is read from the source once (blocks past the limit are read again)
+HOLD_BYTES = 512 << 20
 
 
 def _kernels():
@@ -119,7 +123,7 @@ def _rows_per_block(info: TensorInfo, block_bytes: int) -> int:
 
 class Executor:
     def __init__(self, plan: Plan, dst: Path, *, threads: int | None = None, block_bytes: int = BLOCK_BYTES,
-                 hooks: Hooks | None = None, resume: bool = False) -> None:
+                 hooks: Hooks | None = None, resume: bool = False, hold_bytes: int = HOLD_BYTES) -> None:
         self.plan = plan
         self.dst = dst
         self.threads = max(1, threads or os.cpu_count() or 1)
@@ -133,6 +137,10 @@ class Executor:
         self._scales_lock = threading.Lock()
         self._progress_lock = threading.Lock()  # Progress callbacks come from worker threads, one at a time
         self._by_module = {op.module: op for op in plan.ops if op.scale_group}
+        self.hold_bytes = hold_bytes
+        self._held: dict[tuple[int, int, int], np.ndarray] = {}  # (id(op), r0, r1) -> read_float rows
+        self._held_bytes = 0
+        self._held_lock = threading.Lock()
 
     # ---------------------------------------------------------------- reading
     def _blocks(self, op_or_info):
@@ -151,6 +159,9 @@ class Executor:
             if op_or_info.block:
                 b0 = op_or_info.block[0]
                 step = max(b0, step // b0 * b0)
+        if isinstance(op_or_info, Op) and op_or_info.kind == "fp8":  # whole blocks of the output encoding
+            align = math.lcm(ATTN_SCHEMES[op_or_info.scheme].row_align, (op_or_info.block or (1,))[0])
+            step = max(align, step // align * align)
         for r0 in range(0, rows, step):
             yield r0, min(rows, r0 + step)
 
@@ -219,14 +230,30 @@ class Executor:
             "quantized: fix the source weights or exclude it with --ignore."
         )
 
-    def tensor_absmax(self, op: Op) -> float:
+    def tensor_absmax(self, op: Op, hold: bool = False) -> float:
+        """max |w| of the op's source; ``hold``: keep the blocks read (see HOLD_BYTES) for
+        :meth:`take_rows`."""
         amax = 0.0
         for r0, r1 in self._blocks(op):
-            a = float(self.k.absmax(self.read_float(op, r0, r1)))
+            x = self.read_float(op, r0, r1)
+            a = float(self.k.absmax(x))
             if not math.isfinite(a):
                 raise self._nonfinite(op)
             amax = max(amax, a)
+            if hold:
+                with self._held_lock:
+                    if self._held_bytes + x.nbytes <= self.hold_bytes:
+                        self._held[(id(op), r0, r1)] = x
+                        self._held_bytes += x.nbytes
         return amax
+
+    def take_rows(self, op: Op, r0: int, r1: int) -> np.ndarray:
+        """read_float(op, r0, r1), from the blocks kept by the absmax pass when it holds them."""
+        with self._held_lock:
+            x = self._held.pop((id(op), r0, r1), None)
+            if x is not None:
+                self._held_bytes -= x.nbytes
+        return x if x is not None else self.read_float(op, r0, r1)
 
     def global_scale(self, op: Op) -> np.float32:
         """NVFP4 global scale of the op's scale group (fused partners share it)."""
@@ -237,8 +264,8 @@ class Executor:
             from .schemes import reference
 
             members = [self._by_module[n] for n in self.plan.scale_groups[key]]
-            amax = max(self.tensor_absmax(m) for m in members)
-            for m in members:  # the partners' own ops read their scales again when they run
+            amax = max(self.tensor_absmax(m, hold=True) for m in members)
+            for m in members:  # a partner's rows not held are read again, with its scale, when it runs
                 if m is not op:
                     self.forget(m)
             dtype = np.float32 if op.src_scale is not None or op.layout else DTYPES[op.source.dtype].type
@@ -286,21 +313,18 @@ class Executor:
             for r0, r1 in self._blocks(op):
                 yield lambda r0=r0, r1=r1: w.pwrite(out.offset + r0 * row, self.read_float(op, r0, r1).astype(DTYPES[out.dtype]))
             return
-        if op.kind == "fp8":
-            q_t, s_t = op.outputs
-            cols = info.shape[1]
-            item = DTYPES[s_t.dtype].itemsize
+        if op.kind == "fp8":  # an FP8 attention encoding (schemes.ATTN_SCHEMES): rows in, one array per output
+            enc = ATTN_SCHEMES[op.scheme]
 
-            def fp8_block(r0: int, r1: int) -> None:
+            def encode(r0: int, r1: int) -> None:
                 x = self.read_float(op, r0, r1)
                 if not math.isfinite(float(self.k.absmax(x))):
                     raise self._nonfinite(op)
-                q, sc = fp8.quantize_fp8_channel(x)
-                w.pwrite(q_t.offset + r0 * cols, q)
-                w.pwrite(s_t.offset + r0 * item, sc)
+                for t, arr, per in zip(op.outputs, enc.encode(x), enc.rows_per_out_row):
+                    w.pwrite(t.offset + r0 // per * (t.nbytes // t.shape[0]), arr)
 
             for r0, r1 in self._blocks(op):
-                yield lambda r0=r0, r1=r1: fp8_block(r0, r1)
+                yield lambda r0=r0, r1=r1: encode(r0, r1)
             return
         scheme = SCHEMES[op.scheme]
         _, cols = op.shape
@@ -314,7 +338,7 @@ class Executor:
         search = self.plan.options.scale_search  # "none": compressed-tensors' rounding
 
         def block(r0: int, r1: int) -> None:
-            x = self.read_float(op, r0, r1)
+            x = self.take_rows(op, r0, r1) if gs is not None else self.read_float(op, r0, r1)
             if not math.isfinite(float(k.absmax(x))):
                 raise self._nonfinite(op)
             if gs is not None:
@@ -426,6 +450,7 @@ class Executor:
         finally:
             pool.shutdown(wait=True)
             finisher.shutdown(wait=True)
+            self._held.clear()
             self.reader.close()
             with self._scales_lock:
                 self._scales.clear()
@@ -451,8 +476,8 @@ class Executor:
             self.hooks.release(p)
 
     def _finish_shard(self, sw: ShardWriter, shard: OutShard, journal, progress: Progress) -> Path:
-        path = sw.finish()
-        journal.record(shard.filename, path.stat().st_size, sha256_file(path))
+        path = sw.finish()  # hashed while it was written (ShardWriter), fsynced, renamed
+        journal.record(shard.filename, path.stat().st_size, sw.sha256())
         drop_pages(path)
         with self._progress_lock:
             progress.on_shard(path)

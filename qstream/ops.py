@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .safetensors_io import TensorInfo, dtype_size
+from .schemes import ATTN_SCHEMES
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Op:
     role: str
     source: TensorInfo
     outputs: list[OutTensor]
-    scheme: str | None = None  # FP4 scheme of a "quantize" op
+    scheme: str | None = None  # FP4 scheme of a "quantize" op; FP8 encoding (schemes.ATTN_SCHEMES) of an "fp8" op
     scale_group: str | None = None  # NVFP4: tensors sharing one global scale
     note: str = ""
     # FP8 source of a "quantize"/"dequantize" op: w = fp8 * scale, per tensor, channel or block
@@ -102,7 +103,7 @@ class Op:
             src = {"mxfp4": " (from mxfp4)", None: ""}.get(self.layout, " (from fp8)")
             return self.scheme + src + (" per expert" if self.view else "")
         if self.kind == "fp8":
-            return "fp8 dynamic"
+            return ATTN_SCHEMES[self.scheme].label + (" (from fp8)" if self.src_scale is not None else "")
         if self.kind == "dequantize":
             return "fp8 -> bf16"
         if self.module_scheme is not None:

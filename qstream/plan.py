@@ -20,7 +20,7 @@ from .errors import QStreamError
 from .ops import Op, OutShard, OutTensor, View
 from .roles import ROLES, Classifier, Family, Recipe, load_families, select_family
 from .safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header
-from .schemes import SCHEMES, Scheme, fp8_group_args
+from .schemes import ATTN_SCHEMES, SCHEMES, Scheme, fp8_group_args
 from .schemes.reference import SEARCH_MODES
 
 SHARD_METADATA = {"format": "pt"}
@@ -29,7 +29,7 @@ SHARD_METADATA = {"format": "pt"}
 @dataclass(frozen=True)
 class Options:
     mlp: str = "mxfp4"
-    attn: str = "keep"  # keep | bf16 (dequantize FP8 attention) | fp8 (FP8_DYNAMIC from a float source)
+    attn: str = "keep"  # keep | bf16 (dequantize FP8 attention) | a name in schemes.ATTN_SCHEMES (fp8: FP8_DYNAMIC)
     ignore: tuple[str, ...] = ()
     recipe: str | None = None
     max_shard_size: int = 5 * 10**9
@@ -391,6 +391,12 @@ def _keep_fp8(f: Fp8Weight, role: str) -> list[Op]:
     return ops
 
 
+def _attn_op(enc, info: TensorInfo, role: str, module: str, dtype: str, **src) -> Op:
+    """An FP8 attention output (``--attn``, one of schemes.ATTN_SCHEMES) of a 2-D weight."""
+    outs = [OutTensor(n, d, s) for n, d, s in enc.outputs(module, info.shape, dtype)]
+    return Op("fp8", role, info, outs, scheme=enc.name, module_scheme=enc.key, **src)
+
+
 def _plan_tensor(info: TensorInfo, role: str, scheme: Scheme | None, fp8: Fp8Weight | None, opts: Options,
                  ignore_res: list[re.Pattern[str]], warnings: list[str]) -> list[Op]:
     module = info.name.removesuffix(".weight")
@@ -406,16 +412,18 @@ def _plan_tensor(info: TensorInfo, role: str, scheme: Scheme | None, fp8: Fp8Wei
         if role == "attention" and opts.attn == "bf16":
             return [Op("dequantize", role, info, [OutTensor(info.name, "BF16", info.shape)], src_scale=fp8.scale,
                        layout=fp8.layout, block=fp8.block)]
+        enc = ATTN_SCHEMES.get(opts.attn) if role == "attention" and scheme is None and not ignored else None
+        if enc is not None and not enc.keeps(fp8.layout, fp8.block):  # decoded, then re-encoded
+            return [_attn_op(enc, info, role, module, "F32", src_scale=fp8.scale, layout=fp8.layout, block=fp8.block)]
         return _keep_fp8(fp8, role)
 
     copy = Op("copy", role, info, [OutTensor(info.name, info.dtype, info.shape)])
     if not info.name.endswith(".weight") or len(info.shape) != 2:
         return [copy]
-    if role == "attention" and opts.attn == "fp8" and not ignored and scheme is None:
+    if role == "attention" and opts.attn in ATTN_SCHEMES and not ignored and scheme is None:
         if info.dtype not in FLOAT_SOURCE_DTYPES:
             return [copy]
-        outs = [OutTensor(info.name, "F8_E4M3", info.shape), OutTensor(module + ".weight_scale", info.dtype, (info.shape[0], 1))]
-        return [Op("fp8", role, info, outs, module_scheme="fp8:channel")]
+        return [_attn_op(ATTN_SCHEMES[opts.attn], info, role, module, info.dtype)]
     if scheme is None:
         return [copy]
     if ignored:
@@ -532,6 +540,9 @@ def _group_for(key: str) -> dict:
     if key in SCHEMES:
         sch = SCHEMES[key]
         return {"weights": dict(sch.weights_args), "input_activations": None, "format": sch.format}
+    for enc in ATTN_SCHEMES.values():
+        if enc.key == key:
+            return enc.group()
     parts = key.split(":")  # fp8:<layout>[:static][:RxC]
     block = None
     if re.fullmatch(r"\d+x\d+", parts[-1]):

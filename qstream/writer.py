@@ -1,17 +1,29 @@
 """The output folder: shards written at planned offsets, then the small files.
 
 Shards are written under a hidden temporary name, fsynced and renamed when
-complete. Side files, the index, config.json and the model card are written
+complete. While a shard is written, the kernel is asked to start writing its dirty
+pages back every WRITEBACK_BYTES (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``,
+which does not wait), so the disk writes overlap the conversion instead of all
+happening in the final fsync (by default Linux starts writing back only when dirty
+pages reach 10 % of RAM or are 30 s old). The shard's SHA-256 (for the journal and the
+Hub) is computed by a background thread as the written prefix of the file grows (items
+finish roughly in offset order), reading the bytes back from the page cache and then
+dropping them, so neither the hash nor the pages wait for the end of the shard. Side files, the index, config.json and the model card are written
 last (each atomically), so a folder holding config.json is a finished
 conversion.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import hashlib
 import json
 import os
 import shutil
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +32,27 @@ from . import atomic
 from .atomic import os_error as _os_error
 from .errors import QStreamError
 from .ops import OutShard
+from .safetensors_io import _fadvise_dontneed
 
 STAGING_DIR = ".qstream"
+WRITEBACK_BYTES = 32 << 20
+
+
+def _sync_file_range():
+    """libc sync_file_range (Linux), or None."""
+    if not sys.platform.startswith("linux") or os.environ.get("QSTREAM_NO_WRITEBACK") == "1":
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 class ShardWriter:
@@ -32,8 +63,17 @@ class ShardWriter:
         self.final = dst / shard.filename
         self.tmp = dst / STAGING_DIR / (shard.filename + ".partial")
         self.data_start = len(shard.header)
+        self._dirty = 0  # bytes written since the last writeback request
+        self._lock = threading.Condition()
+        self._done: dict[int, int] = {}  # written intervals past the prefix: start -> end
+        self._prefix = 0  # bytes [0, prefix) are written
+        self._closing = False
+        self._sha = hashlib.sha256()
+        self._hashed = 0
+        self._hasher: threading.Thread | None = None
+        self._hash_error: BaseException | None = None
         try:
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
             raise _os_error(self.tmp, e) from e
         try:
@@ -47,6 +87,8 @@ class ShardWriter:
         except BaseException:
             self.abort()
             raise
+        self._hasher = threading.Thread(target=self._hash_prefix, name="qstream-sha256", daemon=True)
+        self._hasher.start()
 
     def pwrite(self, offset: int, data, absolute: bool = False) -> None:
         pos = offset if absolute else self.data_start + offset
@@ -59,6 +101,64 @@ class ShardWriter:
                 done += os.pwrite(self.fd, mv[done:], pos + done)
         except OSError as e:
             raise _os_error(self.tmp, e) from e
+        self._written(pos, len(mv))
+
+    def _written(self, pos: int, n: int) -> None:
+        """Bytes [pos, pos + n) are written: grow the prefix for the hasher, and start the
+        writeback of the shard's dirty pages every WRITEBACK_BYTES (no wait)."""
+        if n <= 0:
+            return
+        with self._lock:
+            end = pos + n
+            if pos <= self._prefix:
+                self._prefix = max(self._prefix, end)
+                while self._prefix in self._done:
+                    self._prefix = max(self._prefix, self._done.pop(self._prefix))
+                self._lock.notify_all()
+            else:
+                self._done[pos] = max(end, self._done.get(pos, 0))
+            self._dirty += n
+            flush = _SYNC_FILE_RANGE is not None and self._dirty >= WRITEBACK_BYTES
+            if flush:
+                self._dirty = 0
+        if flush:
+            _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # errors (e.g. unsupported) only lose the hint
+
+    def _hash_prefix(self) -> None:
+        """Hasher thread: SHA-256 of the written prefix as it grows; at close, of the rest."""
+        chunk = 8 << 20
+        try:
+            while True:
+                with self._lock:
+                    while self._prefix - self._hashed < chunk and not self._closing:
+                        self._lock.wait()
+                    closing = self._closing
+                    upto = self._prefix if not closing else self.shard.file_bytes
+                if closing and self.fd < 0:
+                    return
+                while self._hashed < upto:
+                    n = min(chunk, upto - self._hashed)
+                    b = os.pread(self.fd, n, self._hashed)
+                    if not b:
+                        raise OSError(errno.EIO, "short read while hashing")
+                    self._sha.update(b)
+                    _fadvise_dontneed(self.fd, self._hashed, len(b))  # dirty pages stay until written back
+                    self._hashed += len(b)
+                if closing:
+                    return
+        except BaseException as e:  # reported by sha256()
+            self._hash_error = e
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the whole shard; call after every write (finish() does not)."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        if self._hasher is not None:
+            self._hasher.join()
+        if self._hash_error is not None:
+            raise _os_error(self.tmp, self._hash_error) if isinstance(self._hash_error, OSError) else self._hash_error
+        return self._sha.hexdigest()
 
     def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int) -> None:
         """Copy bytes from a source file inside the kernel when it can (no user-space buffer)."""
@@ -70,6 +170,7 @@ class ShardWriter:
                     n = os.copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, pos + done)
                     if n == 0:
                         break
+                    self._written(pos + done, n)
                     done += n
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
@@ -85,9 +186,11 @@ class ShardWriter:
             done += len(buf)
 
     def finish(self) -> Path:
-        """fsync, close and rename the shard into place; its descriptor is closed whatever fails."""
+        """Hash (see sha256()), fsync, close and rename the shard into place; its
+        descriptor is closed whatever fails."""
         try:
             try:
+                self.sha256()
                 os.fsync(self.fd)
             finally:
                 self.abort()
@@ -97,9 +200,14 @@ class ShardWriter:
         return self.final
 
     def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self._lock:
+            self._closing = True
+            fd, self.fd = self.fd, -1
+            self._lock.notify_all()
+        if self._hasher is not None and self._hasher is not threading.current_thread():
+            self._hasher.join()
+        if fd >= 0:
+            os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

@@ -27,8 +27,9 @@ codes per thread (no full-size intermediates).
 ``search`` selects the scale search of the reference (read its "scale search" section):
 "none" is compressed-tensors' rounding, byte for byte; "4over6" (NVFP4) and "mse" pick
 each block's scale among a few candidates by the squared error of the decoded block,
-in one fused pass per row (decode once, evaluate the candidates on tiles of blocks,
-emit), byte for byte like the reference.
+in one fused pass per row (decode a block once, evaluate its candidates together, emit),
+byte for byte like the reference (NVFP4: with per-global-scale threshold tables instead
+of a division per candidate, see ``_nv_tables``).
 
 Public API (mirrors the reference):
     absmax(w) -> float
@@ -371,16 +372,11 @@ def _mxfp4_row(w, r, packed, scale, codes):
 # ------------------------------------------------------------- scale search rows
 #
 # The search modes of the reference (``reference.SEARCH_MODES``; the candidates, their
-# order and the error measure are described there). A row is searched in tiles of
-# ``_TILE`` blocks laid out transposed (value j of block l at [j, l]), so that every
-# candidate is evaluated for the whole tile with vertical SIMD operations, block index
-# innermost, and the reference's pairwise sum over a block's values is a sequence of
-# vertical adds. Errors are computed on magnitudes: the FP4 code of x has the sign of
-# x whenever its magnitude is nonzero, and every rounding involved is symmetric, so
-# (|x| - |decoded|) and (x - decoded) have the same square bit for bit. Once the best
-# code of each block is known, the block is emitted exactly as by the RTN kernels.
-
-_TILE = 16  # blocks per tile
+# order and the error measure are described there), byte for byte. Errors are computed
+# on magnitudes: the FP4 code of x has the sign of x whenever its magnitude is nonzero,
+# and every rounding involved is symmetric, so (|x| - |decoded|) and (x - decoded) have
+# the same square bit for bit. Once the best scale of a block is known, the block is
+# emitted exactly as by the RTN kernels.
 
 
 @njit(inline="always", nogil=True, cache=True)
@@ -413,31 +409,6 @@ def _err_norm(amax):
 
 
 @njit(inline="always", nogil=True, cache=True)
-def _tree_err(e, n, nl, err):
-    """err[l] = pairwise sum over halves of e[:n, l] (n a power of two >= 4); clobbers e."""
-    h = n // 2
-    while h >= 2:
-        for j in range(h):
-            for l in range(nl):
-                e[j, l] = e[j, l] + e[j + h, l]
-        h //= 2
-    for l in range(nl):
-        err[l] = e[0, l] + e[1, l]
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _nv_tile_err(xt, pn, sc, e, err, nl):
-    """err[l]: squared error of block l of the tile with divisors sc[l] (decoded as
-    bf16(fp4 * sc), compared after normalization by pn[l])."""
-    for j in range(16):
-        for l in range(nl):
-            a = xt[j, l]
-            d = a * pn[l] - _round_bf16(_fp4_mag(a / sc[l]) * sc[l]) * pn[l]
-            e[j, l] = d * d
-    _tree_err(e, 16, nl, err)
-
-
-@njit(inline="always", nogil=True, cache=True)
 def _nv_code(amax, div, gs, kind):
     """E4M3 code of gs * dtype(amax / div), clamped to 448 (before 0 -> 0x20)."""
     t = gs * _round_to(amax / div, kind)
@@ -446,70 +417,300 @@ def _nv_code(amax, div, gs, kind):
     return np.int64(_e4m3(t))
 
 
+# NVFP4 search. The candidates of a block with a normal E4M3 RTN code c6 (0x08 .. 0x7E)
+# are the codes c6 + k, k = 0 .. 7 (k = 0: RTN; 1 .. 6: "mse"; c4, the 4-over-6 code,
+# is c6 + 3 .. c6 + 7 in that case), so they are evaluated together as the 8 lanes of
+# one vector, value after value, with no division:
+#
+# * for a divisor sc (positive, finite, normal), the FP4 index of fl(a / sc) is a
+#   non-decreasing function of a, so it is the number of thresholds T_i(sc) <= a, T_i
+#   the least float32 whose quotient reaches index i (found once per call for the 127
+#   codes of the global scale by stepping ulps from tau_i * sc, checked with the
+#   division itself: exact);
+# * the decoded magnitude of index i, bf16(m_i * sc), is a table too, and so is its
+#   product with the block's normalizer (computed per block, as the reference does);
+# * the divisors of the 8 lanes span less than a factor 2 (7 E4M3 steps), and any two
+#   FP4 thresholds two indices apart are a factor >= 2 apart, so a value's index under
+#   lane k is its RTN index h, h - 1 or h - 2: two compares and two selects per lane.
+#
+# The errors are the reference's (same float32 operations in the same order), the lanes
+# are scanned in the reference's candidate order with its strict "<", so the chosen
+# code is the reference's. Blocks outside that case (subnormal or zero RTN scale, a
+# non-finite amax, global scales whose divisors are not normal floats) take a per-block
+# path with the reference's arithmetic, candidate by candidate.
+
+_NV_NCODE = 0x7F + 8  # table columns: codes 0 .. 0x7E, then 0x7E repeated (lanes past 0x7E)
+_NV_TAU = np.array([0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)  # FP4 index thresholds
+_NV_MAG = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)  # FP4 magnitudes
+
+
+def _v8_type():
+    return ir.VectorType(ir.FloatType(), 8)
+
+
+def _v8_ptr(context, builder, arrty, arrval, off):
+    ary = context.make_array(arrty)(context, builder, arrval)
+    return builder.bitcast(builder.gep(ary.data, [off]), _v8_type().as_pointer())
+
+
+def _v8_splat(builder, x):
+    v8 = _v8_type()
+    v = builder.insert_element(ir.Constant(v8, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(v8, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+
+
+# numba does not run LLVM's SLP vectorizer, and its loop vectorizer does not handle
+# 8-iteration loops well, so the 8-lane steps are written as portable LLVM vector IR
+# (any target: AVX2 / AVX-512 on x86, two NEON registers on ARM). IEEE semantics, no
+# fast-math: the same roundings and NaN comparisons as scalar code.
+
+
+@intrinsic
+def _v8_err(typingctx, tg, tb, dd, db, e, eb, a, an):
+    """e[eb:eb+8] = (an - d)**2, d = dd[db+16+k] if a >= tg[tb+16+k] else dd[db+8+k] if
+    a >= tg[tb+8+k] else dd[db+k], for k = 0 .. 7."""
+    sig = types.void(tg, tb, dd, db, e, eb, a, an)
+
+    def codegen(context, builder, signature, args):
+        tgv, tbv, ddv, dbv, ev, ebv, av, anv = args
+        i64 = ir.IntType(64)
+
+        def load(arrty, arrval, off, extra):
+            return builder.load(_v8_ptr(context, builder, arrty, arrval, builder.add(off, ir.Constant(i64, extra))),
+                                align=4)
+
+        t1, t2 = load(tg, tgv, tbv, 8), load(tg, tgv, tbv, 16)
+        d0, d1, d2 = load(dd, ddv, dbv, 0), load(dd, ddv, dbv, 8), load(dd, ddv, dbv, 16)
+        va = _v8_splat(builder, av)
+        d = builder.select(builder.fcmp_ordered(">=", va, t1), d1, d0)
+        d = builder.select(builder.fcmp_ordered(">=", va, t2), d2, d)
+        diff = builder.fsub(_v8_splat(builder, anv), d)
+        builder.store(builder.fmul(diff, diff), _v8_ptr(context, builder, e, ev, ebv), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _v8_add(typingctx, e, dst, src):
+    """e[dst:dst+8] += e[src:src+8]"""
+    sig = types.void(e, dst, src)
+
+    def codegen(context, builder, signature, args):
+        ev, dv, sv = args
+        pd = _v8_ptr(context, builder, e, ev, dv)
+        x = builder.load(pd, align=4)
+        y = builder.load(_v8_ptr(context, builder, e, ev, sv), align=4)
+        builder.store(builder.fadd(x, y), pd, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _v8_mul(typingctx, dst, doff, src, soff, s):
+    """dst[doff:doff+8] = src[soff:soff+8] * s"""
+    sig = types.void(dst, doff, src, soff, s)
+
+    def codegen(context, builder, signature, args):
+        dv, do, sv, so, sc = args
+        x = builder.load(_v8_ptr(context, builder, src, sv, so), align=4)
+        builder.store(builder.fmul(x, _v8_splat(builder, sc)), _v8_ptr(context, builder, dst, dv, do), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _v8_chain(typingctx, x, xn, xoff, tg, toff, dn, e, eoff):
+    """e[eoff:eoff+8] = (xn[xoff+k] - dn[i])**2, i = the number of thresholds
+    tg[toff + 8 * i'] (i' = 1 .. 7) <= x[xoff+k]: one candidate's errors for 8 values."""
+    sig = types.void(x, xn, xoff, tg, toff, dn, e, eoff)
+
+    def codegen(context, builder, signature, args):
+        xv, xnv, xo, tgv, to, dnv, ev, eo = args
+        i64 = ir.IntType(64)
+
+        def scalar(arrty, arrval, off):
+            ary = context.make_array(arrty)(context, builder, arrval)
+            return builder.load(builder.gep(ary.data, [off]))
+
+        a = builder.load(_v8_ptr(context, builder, x, xv, xo), align=4)
+        an = builder.load(_v8_ptr(context, builder, xn, xnv, xo), align=4)
+        d = _v8_splat(builder, scalar(dn, dnv, ir.Constant(i64, 0)))
+        for i in range(1, 8):
+            t = _v8_splat(builder, scalar(tg, tgv, builder.add(to, ir.Constant(i64, 8 * i))))
+            d = builder.select(builder.fcmp_ordered(">=", a, t), _v8_splat(builder, scalar(dn, dnv, ir.Constant(i64, i))), d)
+        diff = builder.fsub(an, d)
+        builder.store(builder.fmul(diff, diff), _v8_ptr(context, builder, e, ev, eo), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(nogil=True, cache=True)
-def _nv_try(cand, gs, e4m3_values, xt, pn, sc, e, err, best, best_err, nl):
-    """Evaluate E4M3 codes cand[l] (lanes with invalid codes are left alone)."""
-    any_valid = False
-    for l in range(nl):
-        c = cand[l]
-        valid = c >= 0x01 and c <= 0x7E
-        any_valid |= valid
-        sc[l] = e4m3_values[c if valid else 0x38] / gs
-    if not any_valid:
-        return
-    _nv_tile_err(xt, pn, sc, e, err, nl)
-    for l in range(nl):
-        c = cand[l]
-        if c >= 0x01 and c <= 0x7E and err[l] < best_err[l]:
-            best[l] = c
-            best_err[l] = err[l]
+def _nv_threshold(sc, i, tau):
+    """Least float32 a >= 0 whose FP4 index of fl(a / sc) is >= i (1 <= i <= 7), or -1
+    when not found within 64 ulps of tau * sc (the caller then uses the slow path)."""
+    b = np.int64(_f32_bits(tau * sc))
+    if b >= 0x7F800000:
+        return np.float32(-1.0)
+    n = 0
+    while b > 0 and np.int64(_fp4(_bits_f32(np.uint32(b - 1)) / sc) & np.uint8(7)) >= i:
+        b -= 1
+        n += 1
+        if n > 64:
+            return np.float32(-1.0)
+    while np.int64(_fp4(_bits_f32(np.uint32(b)) / sc) & np.uint8(7)) < i:
+        b += 1
+        n += 1
+        if n > 64 or b >= 0x7F800000:
+            return np.float32(-1.0)
+    return _bits_f32(np.uint32(b))
+
+
+@njit(nogil=True, cache=True)
+def _nv_tables(gs, e4m3_values, tau, mag, tg, dg):
+    """Per global scale: tg[c * 80 + (i + 2) * 8 + k] = T_i of code c + k (rows i = -2 .. 0:
+    -inf), dg likewise bf16(m_i * divisor) (rows -2, -1: = row 0), for c = 0 .. 0x7F.
+    True when every code 0x08 .. 0x7E has a normal finite divisor, thresholds and decodes."""
+    t = np.empty((10, _NV_NCODE), np.float32)
+    d = np.empty((10, _NV_NCODE), np.float32)
+    ok = True
+    ninf = _bits_f32(np.uint32(0xFF800000))
+    for c in range(_NV_NCODE):
+        cc = min(c, 0x7E)
+        sc = e4m3_values[cc] / gs
+        normal = sc >= np.float32(1.1754944e-38) and sc < np.float32(3.0e38)
+        for i in range(3):
+            t[i, c] = ninf
+        for i in range(8):
+            d[i + 2, c] = _round_bf16(mag[i] * sc)
+        d[0, c] = d[2, c]
+        d[1, c] = d[2, c]
+        for i in range(1, 8):
+            ti = _nv_threshold(sc, i, tau[i]) if normal else np.float32(-1.0)
+            t[i + 2, c] = ti
+            if cc >= 8 and ti < np.float32(0.0):
+                ok = False
+        if cc >= 8 and not (normal and d[9, c] < np.float32(3.0e38)):
+            ok = False
+    for c in range(128):
+        for r in range(10):
+            for k in range(8):
+                tg[c * 80 + r * 8 + k] = t[r, c + k]
+                dg[c * 80 + r * 8 + k] = d[r, c + k]
+    return ok
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _nv_block_err8(xa, xn, c6, tg, dg, dd, pn, hi, e, nj):
+    """e[0:8]: the reference's error of the block (|x| in xa, |x| * pn in xn) under the
+    codes c6 + k, k = 0 .. 7 (c6 normal)."""
+    cb = c6 * 80
+    for r in range(10):
+        _v8_mul(dd, r * 8, dg, cb + r * 8, pn)  # decoded magnitudes * normalizer
+    t1, t2, t3, t4 = tg[cb + 24], tg[cb + 32], tg[cb + 40], tg[cb + 48]
+    t5, t6, t7 = tg[cb + 56], tg[cb + 64], tg[cb + 72]
+    for j in range(nj):  # RTN index of every value
+        a = xa[j]
+        hi[j] = (np.int64(a >= t1) + np.int64(a >= t2) + np.int64(a >= t3) + np.int64(a >= t4)
+                 + np.int64(a >= t5) + np.int64(a >= t6) + np.int64(a >= t7))
+    for j in range(16):
+        h = hi[j]
+        _v8_err(tg, cb + h * 8, dd, h * 8, e, j * 8, xa[j], xn[j])
+    for h in (8, 4, 2, 1):  # the reference's pairwise sum over halves, 8 lanes at a time
+        for j in range(h):
+            _v8_add(e, j * 8, (j + h) * 8)
+
+
+@njit(inline="always", nogil=True, cache=True, error_model="numpy")
+def _nv_block_err1(xa, xn, c, tg, dg, dd, pn, e):
+    """The reference's error of the block under one normal code c, from the tables."""
+    cb = c * 80 + 16
+    for i in range(8):
+        dd[i] = dg[cb + 8 * i] * pn
+    _v8_chain(xa, xn, 0, tg, cb, dd, e, 0)
+    _v8_chain(xa, xn, 8, tg, cb, dd, e, 8)
+    h = 8
+    while h >= 1:
+        for j in range(h):
+            e[j] = e[j] + e[j + h]
+        h //= 2
+    return e[0]
+
+
+@njit(inline="always", nogil=True, cache=True, error_model="numpy")
+def _nv_err1(xa, pn, sc, e):
+    """The reference's error of one block (magnitudes xa) with divisor sc."""
+    for j in range(16):
+        a = xa[j]
+        d = a * pn - _round_bf16(_fp4_mag(a / sc) * sc) * pn
+        e[j] = d * d
+    h = 8
+    while h >= 1:
+        for j in range(h):
+            e[j] = e[j] + e[j + h]
+        h //= 2
+    return e[0]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _nvfp4_row_search(w, r, gs, e4m3_values, packed, scale, codes, xt, e, lanes, mode):
+def _nvfp4_row_search(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa, xn, dd, hi, e, e1, mode, nj):
     kind = _kind_of(w)
     mask = _abs_mask(kind)
-    pn, sc, err, best_err = lanes[0], lanes[1], lanes[2], lanes[3]
-    nblocks = w.shape[1] // 16
-    best = np.empty(_TILE, dtype=np.int64)
-    c6 = np.empty(_TILE, dtype=np.int64)
-    c4r = np.empty(_TILE, dtype=np.int64)
-    cand = np.empty(_TILE, dtype=np.int64)
-    best_rtn = np.empty(_TILE, dtype=np.int64)
-    for t0 in range(0, nblocks, _TILE):
-        nl = min(_TILE, nblocks - t0)
-        for l in range(nl):
-            base = (t0 + l) * 16
-            amax = _decode(_group_amax_bits(w, r, base, 16, mask), kind)
-            c6[l] = _nv_code(amax, _F32_SIX, gs, kind)
-            c4r[l] = _nv_code(amax, _F32_FOUR, gs, kind)
-            best[l] = c6[l] if e4m3_values[c6[l]] != np.float32(0.0) else np.int64(0x20)
-            best_rtn[l] = best[l]
-            pn[l] = _err_norm(amax)
-            for j in range(16):
-                xt[j, l] = abs(_decode(w[r, base + j], kind))
-        for l in range(nl):  # candidate 0: compressed-tensors' scale
-            sc[l] = e4m3_values[best[l]] / gs
-        _nv_tile_err(xt, pn, sc, e, best_err, nl)
-        for l in range(nl):  # four over six
-            c4r[l] = np.int64(0x20) if (c4r[l] & 0x7F) == 0 else c4r[l]
-        if mode == 2:  # the six E4M3 codes above the RTN one
-            for k in range(1, 7):
-                for l in range(nl):
-                    cand[l] = c6[l] + k
-                _nv_try(cand, gs, e4m3_values, xt, pn, sc, e, err, best, best_err, nl)
-        for l in range(nl):  # four over six, where not tried yet (a repeat cannot win)
-            c4 = c4r[l]
-            tried = c4 == best_rtn[l] or (mode == 2 and c6[l] + 1 <= c4 and c4 <= c6[l] + 6)
-            cand[l] = np.int64(-1) if tried else c4
-        _nv_try(cand, gs, e4m3_values, xt, pn, sc, e, err, best, best_err, nl)
-        for l in range(nl):
-            g = t0 + l
-            base = g * 16
-            scale[r, g] = np.uint8(best[l])
-            s = e4m3_values[best[l]] / gs
-            for j in range(16):
-                codes[base + j] = _fp4(_decode(w[r, base + j], kind) / s)
+    inf_bits = np.uint32(0x7F80) if kind == 0 else (np.uint32(0x7C00) if kind == 1 else np.uint32(0x7F800000))
+    for g in range(w.shape[1] // 16):
+        base = g * 16
+        m = _group_amax_bits(w, r, base, 16, mask)
+        amax = _decode(m, kind)
+        c6 = _nv_code(amax, _F32_SIX, gs, kind)
+        c4 = _nv_code(amax, _F32_FOUR, gs, kind)
+        best_rtn = c6 if e4m3_values[c6] != np.float32(0.0) else np.int64(0x20)
+        c4 = np.int64(0x20) if (c4 & 0x7F) == 0 else c4
+        pn = _err_norm(amax)
+        for j in range(nj):
+            a = abs(_decode(w[r, base + j], kind))
+            xa[j] = a
+            xn[j] = a * pn
+        best = best_rtn
+        if mode == 1 and tab_ok and m < inf_bits and c6 >= 8:  # 4over6: two candidates
+            if c4 != c6 and c4 <= 0x7E:
+                be = _nv_block_err1(xa, xn, c6, tg, dg, dd, pn, e)
+                if _nv_block_err1(xa, xn, c4, tg, dg, dd, pn, e) < be:
+                    best = c4
+        elif tab_ok and m < inf_bits and c6 >= 8 and c4 - c6 <= 7:
+            _nv_block_err8(xa, xn, c6, tg, dg, dd, pn, hi, e, nj)
+            be = e[0]
+            for k in range(1, 8):  # candidate order; c6 + 7 only as c4
+                c = c6 + k
+                if mode == 2:
+                    lane = c <= 0x7E and (k < 7 or c4 == c)
+                else:
+                    lane = c == c4 and c <= 0x7E
+                better = lane and e[k] < be
+                best = c if better else best
+                be = e[k] if better else be
+        else:
+            be = _nv_err1(xa, pn, e4m3_values[best_rtn] / gs, e1)
+            if mode == 2:  # the six E4M3 codes above the RTN one
+                for k in range(1, 7):
+                    c = c6 + k
+                    if c >= 1 and c <= 0x7E:
+                        ek = _nv_err1(xa, pn, e4m3_values[c] / gs, e1)
+                        if ek < be:
+                            best = c
+                            be = ek
+            # four over six, where not tried yet (a repeat cannot win)
+            tried = c4 == best_rtn or (mode == 2 and c6 + 1 <= c4 and c4 <= c6 + 6)
+            if not tried and c4 >= 1 and c4 <= 0x7E:
+                if _nv_err1(xa, pn, e4m3_values[c4] / gs, e1) < be:
+                    best = c4
+        scale[r, g] = np.uint8(best)
+        s = e4m3_values[best] / gs
+        for j in range(nj):
+            codes[base + j] = _fp4(_decode(w[r, base + j], kind) / s)
     _pack_row(codes, packed, r)
 
 
@@ -521,94 +722,79 @@ def _pow2(k):
     return _bits_f32(np.uint32(0x00400000))
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def _mx_tile_err(xt, pn, inv, sc, e, err, nl, kind):
-    """err[l]: squared error of block l of the tile quantized as dtype(|x| * inv[l])
-    and decoded as bf16(fp4 * sc[l]), compared after normalization by pn[l]."""
-    for j in range(32):
-        for l in range(nl):
-            d = xt[j, l] * pn[l] - _round_bf16(_fp4_mag(_round_to(xt[j, l] * inv[l], kind)) * sc[l]) * pn[l]
-            e[j, l] = d * d
-    _tree_err(e, 32, nl, err)
-
-
-@njit(nogil=True, cache=True)
-def _mx_try(cand, valid, kind, xt, pn, inv, sc, e, err, best, best_err, nl):
-    """Evaluate E8M0 bytes cand[l] for the lanes where valid[l]: codes of
-    dtype(|x| * 2**(127 - b)), decoded as bf16(fp4 * bf16(2**(b - 127)))."""
-    any_valid = False
-    for l in range(nl):
-        b = cand[l] if valid[l] else np.int64(127)
-        any_valid |= valid[l]
-        inv[l] = _pow2(127 - b)
-        sc[l] = _pow2(b - 127)
-    if not any_valid:
-        return
-    _mx_tile_err(xt, pn, inv, sc, e, err, nl, kind)
-    for l in range(nl):
-        if valid[l] and err[l] < best_err[l]:
-            best[l] = cand[l]
-            best_err[l] = err[l]
+@njit(inline="always", nogil=True, cache=True, error_model="numpy")
+def _mx_tree32(e):
+    """The reference's pairwise sum over halves of e[0:32] (clobbers e)."""
+    h = 16
+    while h >= 1:
+        for j in range(h):
+            e[j] = e[j] + e[j + h]
+        h //= 2
+    return e[0]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _mxfp4_row_search(w, r, packed, scale, codes, xt, e, lanes):
+def _mxfp4_row_search(w, r, packed, scale, codes, xa, xn, e0, e1, e2, nj):
+    """MXFP4 search, one block at a time: the three candidates (RTN byte b0, b0 - 1,
+    b0 + 1) in one pass over the block's values, whose loops (``nj`` = 32, a run-time
+    count) numba's loop vectorizer handles."""
     kind = _kind_of(w)
     mask = _abs_mask(kind)
-    pn, inv, sc, err, best_err = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4]
     if kind == 0:
         add, keep, mshift, bias, emax = 0x20, 0xFF80, 7, 127, 0xFF
     elif kind == 1:
         add, keep, mshift, bias, emax = 0x100, 0xFC00, 10, 15, 0x1F
     else:
         add, keep, mshift, bias, emax = 0x200000, 0xFF800000, 23, 127, 0xFF
-    nblocks = w.shape[1] // 32
-    b0 = np.empty(_TILE, dtype=np.int64)
-    best = np.empty(_TILE, dtype=np.int64)
-    cand = np.empty(_TILE, dtype=np.int64)
-    ok = np.empty(_TILE, dtype=np.bool_)
-    valid = np.empty(_TILE, dtype=np.bool_)
-    for t0 in range(0, nblocks, _TILE):
-        nl = min(_TILE, nblocks - t0)
-        for l in range(nl):
-            base = (t0 + l) * 32
-            m = _group_amax_bits(w, r, base, 32, mask)
-            p2 = (np.int64(m) + add) & keep
-            ef = p2 >> mshift
-            ok[l] = ef != emax  # RTN overflow blocks (see _mxfp4_row) are kept as RTN
-            if p2 == 0:
-                e0 = np.int64(0)
-            else:
-                e0 = max(np.int64(127 + (ef - bias) - 2), np.int64(0))
-            if kind == 1 and e0 < 127 - 24:
-                e0 = np.int64(127)
-            b0[l] = e0 if ok[l] else np.int64(127)
-            best[l] = b0[l]
-            pn[l] = _err_norm(_decode(m, kind))
-            for j in range(32):
-                xt[j, l] = abs(_decode(w[r, base + j], kind))
-        for l in range(nl):  # candidate 0: compressed-tensors' exponent
-            b = b0[l] if ok[l] else np.int64(127)
-            inv[l] = _pow2(127 - b)
-            sc[l] = _pow2(b - 127)
-        _mx_tile_err(xt, pn, inv, sc, e, best_err, nl, kind)
-        for d in (-1, 1):
-            for l in range(nl):
-                cand[l] = b0[l] + d
-                valid[l] = ok[l] and cand[l] >= 0 and cand[l] <= 254
-            _mx_try(cand, valid, kind, xt, pn, inv, sc, e, err, best, best_err, nl)
-        for l in range(nl):
-            g = t0 + l
-            base = g * 32
-            if not ok[l]:
-                scale[r, g] = np.uint8(127)
-                for j in range(32):
-                    codes[base + j] = np.uint8(0)
-                continue
-            scale[r, g] = np.uint8(best[l])
-            s = _pow2(127 - best[l])
-            for j in range(32):
-                codes[base + j] = _fp4(_round_to(_decode(w[r, base + j], kind) * s, kind))
+    for g in range(w.shape[1] // 32):
+        base = g * 32
+        m = _group_amax_bits(w, r, base, 32, mask)
+        p2 = (np.int64(m) + add) & keep
+        ef = p2 >> mshift
+        if ef == emax:  # RTN overflow block (see _mxfp4_row): kept as RTN
+            scale[r, g] = np.uint8(127)
+            for j in range(nj):
+                codes[base + j] = np.uint8(0)
+            continue
+        if p2 == 0:
+            b0 = np.int64(0)
+        else:
+            b0 = max(np.int64(127 + (ef - bias) - 2), np.int64(0))
+        if kind == 1 and b0 < 127 - 24:
+            b0 = np.int64(127)
+        pn = _err_norm(_decode(m, kind))
+        bm = max(b0 - 1, np.int64(0))  # clipped: out-of-range candidates are not chosen
+        bp = min(b0 + 1, np.int64(254))
+        inv0, sc0 = _pow2(127 - b0), _pow2(b0 - 127)
+        invm, scm = _pow2(127 - bm), _pow2(bm - 127)
+        invp, scp = _pow2(127 - bp), _pow2(bp - 127)
+        for j in range(nj):
+            a = abs(_decode(w[r, base + j], kind))
+            xa[j] = a
+            xn[j] = a * pn
+        for j in range(nj):
+            # codes of dtype(|x| * 2**(127 - b)), decoded as bf16(fp4 * bf16(2**(b - 127)))
+            a = xa[j]
+            an = xn[j]
+            d0 = an - _round_bf16(_fp4_mag(_round_to(a * inv0, kind)) * sc0) * pn
+            dm = an - _round_bf16(_fp4_mag(_round_to(a * invm, kind)) * scm) * pn
+            dp = an - _round_bf16(_fp4_mag(_round_to(a * invp, kind)) * scp) * pn
+            e0[j] = d0 * d0
+            e1[j] = dm * dm
+            e2[j] = dp * dp
+        best = b0
+        be = _mx_tree32(e0)
+        em = _mx_tree32(e1)
+        if b0 >= 1 and em < be:
+            best = b0 - 1
+            be = em
+        ep = _mx_tree32(e2)
+        if b0 <= 253 and ep < be:
+            best = b0 + 1
+        scale[r, g] = np.uint8(best)
+        s = _pow2(127 - best)
+        for j in range(nj):
+            codes[base + j] = _fp4(_round_to(_decode(w[r, base + j], kind) * s, kind))
     _pack_row(codes, packed, r)
 
 
@@ -653,49 +839,61 @@ def _mxfp4_parallel(w, packed, scale, nchunks):
 
 
 @njit(nogil=True, cache=True)
-def _nvfp4_search_rows(w, gs, e4m3_values, packed, scale, r0, r1, mode):
+def _nvfp4_search_rows(w, gs, e4m3_values, tg, dg, tab_ok, packed, scale, r0, r1, mode, nj):
     codes = np.empty(w.shape[1], dtype=np.uint8)
-    xt = np.empty((16, _TILE), dtype=np.float32)
-    e = np.empty((16, _TILE), dtype=np.float32)
-    lanes = np.empty((4, _TILE), dtype=np.float32)
+    xa = np.empty(16, dtype=np.float32)
+    xn = np.empty(16, dtype=np.float32)
+    dd = np.empty(80, dtype=np.float32)
+    hi = np.empty(16, dtype=np.int64)
+    e = np.empty(128, dtype=np.float32)
+    e1 = np.empty(16, dtype=np.float32)
     for r in range(r0, r1):
-        _nvfp4_row_search(w, r, gs, e4m3_values, packed, scale, codes, xt, e, lanes, mode)
+        _nvfp4_row_search(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa, xn, dd, hi, e, e1, mode, nj)
 
 
 @njit(nogil=True, cache=True)
-def _nvfp4_search_serial(w, gs, e4m3_values, packed, scale, mode):
-    _nvfp4_search_rows(w, gs, e4m3_values, packed, scale, 0, w.shape[0], mode)
+def _nvfp4_search_serial(w, gs, e4m3_values, packed, scale, mode, nj):
+    tg = np.empty(128 * 80, dtype=np.float32)
+    dg = np.empty(128 * 80, dtype=np.float32)
+    tab_ok = _nv_tables(gs, e4m3_values, _NV_TAU, _NV_MAG, tg, dg)
+    _nvfp4_search_rows(w, gs, e4m3_values, tg, dg, tab_ok, packed, scale, 0, w.shape[0], mode, nj)
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _nvfp4_search_parallel(w, gs, e4m3_values, packed, scale, nchunks, mode):
+def _nvfp4_search_parallel(w, gs, e4m3_values, packed, scale, nchunks, mode, nj):
+    tg = np.empty(128 * 80, dtype=np.float32)
+    dg = np.empty(128 * 80, dtype=np.float32)
+    tab_ok = _nv_tables(gs, e4m3_values, _NV_TAU, _NV_MAG, tg, dg)
     rows = w.shape[0]
     nchunks = max(min(rows, nchunks), 1)
     for c in prange(nchunks):
-        _nvfp4_search_rows(w, gs, e4m3_values, packed, scale, c * rows // nchunks, (c + 1) * rows // nchunks, mode)
+        _nvfp4_search_rows(w, gs, e4m3_values, tg, dg, tab_ok, packed, scale, c * rows // nchunks,
+                           (c + 1) * rows // nchunks, mode, nj)
 
 
 @njit(nogil=True, cache=True)
-def _mxfp4_search_rows(w, packed, scale, r0, r1):
+def _mxfp4_search_rows(w, packed, scale, r0, r1, nj):
     codes = np.empty(w.shape[1], dtype=np.uint8)
-    xt = np.empty((32, _TILE), dtype=np.float32)
-    e = np.empty((32, _TILE), dtype=np.float32)
-    lanes = np.empty((5, _TILE), dtype=np.float32)
+    xa = np.empty(32, dtype=np.float32)
+    xn = np.empty(32, dtype=np.float32)
+    e0 = np.empty(32, dtype=np.float32)
+    e1 = np.empty(32, dtype=np.float32)
+    e2 = np.empty(32, dtype=np.float32)
     for r in range(r0, r1):
-        _mxfp4_row_search(w, r, packed, scale, codes, xt, e, lanes)
+        _mxfp4_row_search(w, r, packed, scale, codes, xa, xn, e0, e1, e2, nj)
 
 
 @njit(nogil=True, cache=True)
-def _mxfp4_search_serial(w, packed, scale):
-    _mxfp4_search_rows(w, packed, scale, 0, w.shape[0])
+def _mxfp4_search_serial(w, packed, scale, nj):
+    _mxfp4_search_rows(w, packed, scale, 0, w.shape[0], nj)
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _mxfp4_search_parallel(w, packed, scale, nchunks):
+def _mxfp4_search_parallel(w, packed, scale, nchunks, nj):
     rows = w.shape[0]
     nchunks = max(min(rows, nchunks), 1)
     for c in prange(nchunks):
-        _mxfp4_search_rows(w, packed, scale, c * rows // nchunks, (c + 1) * rows // nchunks)
+        _mxfp4_search_rows(w, packed, scale, c * rows // nchunks, (c + 1) * rows // nchunks, nj)
 
 
 @njit(nogil=True, cache=True)
@@ -795,9 +993,9 @@ def quantize_nvfp4_into(w, global_scale, packed_out, scale_out, search="none", *
     _check_out(scale_out, (rows, cols // NVFP4_GROUP), "scale_out")
     gs = np.float32(global_scale)
     if mode and parallel:
-        _nvfp4_search_parallel(bits, gs, _E4M3_VALUES, packed_out, scale_out, _nchunks(), mode)
+        _nvfp4_search_parallel(bits, gs, _E4M3_VALUES, packed_out, scale_out, _nchunks(), mode, NVFP4_GROUP)
     elif mode:
-        _nvfp4_search_serial(bits, gs, _E4M3_VALUES, packed_out, scale_out, mode)
+        _nvfp4_search_serial(bits, gs, _E4M3_VALUES, packed_out, scale_out, mode, NVFP4_GROUP)
     elif parallel:
         _nvfp4_parallel(bits, gs, _E4M3_VALUES, packed_out, scale_out, _nchunks())
     else:
@@ -824,9 +1022,9 @@ def quantize_mxfp4_into(w, packed_out, scale_out, search="none", *, parallel=Fal
     _check_out(packed_out, (rows, cols // 2), "packed_out")
     _check_out(scale_out, (rows, cols // MXFP4_GROUP), "scale_out")
     if mode and parallel:
-        _mxfp4_search_parallel(bits, packed_out, scale_out, _nchunks())
+        _mxfp4_search_parallel(bits, packed_out, scale_out, _nchunks(), MXFP4_GROUP)
     elif mode:
-        _mxfp4_search_serial(bits, packed_out, scale_out)
+        _mxfp4_search_serial(bits, packed_out, scale_out, MXFP4_GROUP)
     elif parallel:
         _mxfp4_parallel(bits, packed_out, scale_out, _nchunks())
     else:
