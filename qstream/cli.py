@@ -78,7 +78,7 @@ def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, 
 # Options that do not change the output: left out of the command recorded in the model
 # card, so that a resumed run, another --threads or a push writes the same card.
 _RUN_ONLY_FLAGS = {"--resume", "--overwrite", "-q", "--quiet", "--dry-run", "--low-disk", "--private", "--skip-space-check"}
-_RUN_ONLY_VALUES = {"--threads", "--push-to-hub", "--push-revision", "--commit-message"}
+_RUN_ONLY_VALUES = {"--threads", "--push-to-hub", "--push-revision", "--commit-message", "--eval"}
 
 
 def card_command(argv: list[str], src_name: str | None = None) -> str:
@@ -254,8 +254,12 @@ def inspect(src, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, t
 @click.option("--skip-space-check", is_flag=True,
               help="Do not refuse to start when DST's device reports less free space than the output needs (for "
                    "file systems whose free space is not what fits: compressed, deduplicated or network ones).")
+@click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="After converting, run `qstream eval` on this text (8192 tokens, 1024-token windows) and write "
+                   "the figures into the model card. Needs a local SRC and the calibrate extra.")
 def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, dry_run, overwrite, resume, threads, quiet,
-            revision, low_disk, push_to_hub, private, push_revision, commit_message, base_model, skip_space_check):
+            revision, low_disk, push_to_hub, private, push_revision, commit_message, base_model, skip_space_check,
+            eval_text):
     """Convert SRC (a checkpoint folder, or a Hub repo id like org/name) into DST (a new folder)."""
     from .convert import Executor
     from .hub import DOWNLOADS, DiskMeter, HubHooks, HubPusher, push_resumable, source_label
@@ -268,6 +272,9 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
             raise click.UsageError(f"{flag} needs --push-to-hub.")
     if base_model is not None and not is_hub_id(base_model):
         raise QStreamError(f"--base-model {base_model!r} is not a Hub model id; pass ORG/NAME as on huggingface.co.")
+    if eval_text and (push_to_hub or not Path(src).is_dir()):
+        raise click.UsageError("--eval needs a local SRC folder and no --push-to-hub (the card is pushed before "
+                               "the eval could run); run `qstream eval` and push afterwards.")
     console = _console(quiet)
     download_dir = (Path(dst) / STAGING_DIR / DOWNLOADS).absolute() if low_disk else None
     plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, download_dir=download_dir,
@@ -312,6 +319,8 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
     finally:
         done()
         hooks.close()
+    if eval_text:
+        _eval_into_card(dstp, src, eval_text, console)
     if pusher is not None and pusher.result is not None:
         console.print(f"pushed to {pusher.result.repo_id}: commit {pusher.result.commit} ({pusher.result.url})")
     if meter is not None:
@@ -359,6 +368,45 @@ def verify(dst, source, as_json, top, max_rel_error, threads):
         print_report(report, _console(False), err, top)
     if not report.ok:
         sys.exit(1)
+
+
+def _eval_into_card(dst: Path, src: str, text: str, console: Console) -> None:
+    try:
+        from .evaluate import evaluate_text, print_result, write_card_section
+    except ImportError as e:
+        raise QStreamError(f"--eval needs torch and transformers ({e}); install them with "
+                           "pip install 'qstream[calibrate]'.") from e
+    r = evaluate_text(dst, src, text)
+    print_result(r, console)
+    console.print(f"eval figures written into {write_card_section(dst, r)}")
+
+
+@main.command("eval")
+@click.argument("dst", type=click.Path(exists=True, file_okay=False))
+@click.option("--source", "source", type=click.Path(exists=True, file_okay=False), required=True,
+              help="The checkpoint DST was converted from (the reference distribution).")
+@click.option("--text", "text", required=True, help="UTF-8 text file (or .jsonl with a 'text' field) to score.")
+@click.option("--tokens", type=click.IntRange(min=2), default=8192, show_default=True,
+              help="Score the first N tokens of the text (source tokenizer, no special tokens).")
+@click.option("--ctx", type=click.IntRange(min=2), default=1024, show_default=True,
+              help="Window length: non-overlapping windows, each scored from its second token.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(dst, source, text, tokens, ctx, as_json):
+    """Run DST and its source side by side one decoder layer at a time (never a whole model; CUDA when present)
+    and report KL divergence (mean, median, p99), both perplexities, top-1 agreement and per-layer drift.
+    Needs torch and transformers: pip install 'qstream[calibrate]'."""
+    try:
+        from .evaluate import evaluate_text, print_result
+    except ImportError as e:
+        raise QStreamError(f"qstream eval needs torch and transformers ({e}); install them with "
+                           "pip install 'qstream[calibrate]'.") from e
+    console = _console(as_json)
+    r = evaluate_text(dst, source, text, tokens, ctx,
+                      on_layer=None if as_json or not err.is_terminal else lambda i, n: err.print(f"layer {i + 1}/{n}", end="\r"))
+    if as_json:
+        click.echo(json.dumps(r.to_json(), indent=1))
+    else:
+        print_result(r, console)
 
 
 def _sigterm(signum, frame):  # pragma: no cover - exercised by the resume tests
