@@ -151,18 +151,15 @@ class Executor:
 
     def _measure(self, op: Op, r0: int, w: np.ndarray, w_hat: np.ndarray) -> None:
         """Record one block's error against its decoded values (FP8: ``w_hat`` as given)."""
-        w = np.asarray(w, dtype=np.float32)
-        d = w - w_hat
-        self._err[(id(op), r0)] = (float(np.dot(w.ravel(), w.ravel())), float(np.dot(d.ravel(), d.ravel())))
+        w = np.asarray(w, dtype=np.float32).ravel()
+        self._err[(id(op), r0)] = (float(np.dot(w, w)), float(np.sum(np.square(w - np.ravel(w_hat)))))
 
     def _measure_fp4(self, op: Op, r0: int, x: np.ndarray, packed: np.ndarray, scale: np.ndarray, gs) -> None:
-        """Record one FP4 block's error, decoded the way compressed-tensors decodes it
-        (:func:`qstream.schemes.measure.fp4_error`: one fused pass, no decoded copy)."""
+        """Record one FP4 block's error, decoded as compressed-tensors decodes it (one fused pass)."""
         self._err[(id(op), r0)] = measure.fp4_error(x, packed, scale, gs, decode._E8M0_BF16)
 
     def _shard_measured(self, ops: list[Op]) -> dict[str, list]:
-        """Per "role/scheme": [sum w^2, sum err^2, tensors] over one shard's ops, summed in plan order
-        (the same floats whatever --threads, and after a resume from the journal)."""
+        """Per "role/scheme": [sum w^2, sum err^2, tensors] over a shard's ops, in plan order (any --threads)."""
         out: dict[str, list] = {}
         for op in ops:
             if not op.converted:
