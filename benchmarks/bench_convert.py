@@ -33,7 +33,8 @@ def run_timed(cmd: list[str]) -> tuple[float, int, float]:
     """Wall seconds, peak RSS (bytes) and CPU seconds (user + system) of a child process."""
     os.sync()  # the previous run's dirty pages are not this run's work
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    # cwd "/": `python -m qstream` must import the PYTHONPATH copy, not one in the current directory
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, cwd="/")
     _, status, ru = os.wait4(p.pid, 0)
     dt = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--compare", type=Path, help="another checkout's root (holding qstream/): run it too, per row")
     args = ap.parse_args()
+    args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
 
     sources = []
