@@ -19,7 +19,7 @@ from . import __version__
 from .card import human
 from .errors import QStreamError
 from .plan import Options, Plan, make_plan, parse_size
-from .schemes import SCHEMES
+from .schemes import ATTN_SCHEMES, SCHEMES
 from .source import open_checkpoint
 
 err = Console(stderr=True)
@@ -37,11 +37,10 @@ def plan_options(f):
                      help="Scheme for the MLP linears (gate/up/down, experts). mxfp4: E2M1 + E8M0 scale per 32 "
                           "(4.25 bits/weight); nvfp4: E2M1 + FP8 scale per 16 + FP32 global scale (4.5 bits); "
                           "none: copy everything.")(f)
-    f = click.option("--attn", type=click.Choice(["keep", "bf16", "fp8"]), default="keep", show_default=True,
+    f = click.option("--attn", type=click.Choice(["keep", "bf16", *ATTN_SCHEMES]), default="keep", show_default=True,
                      help="Attention linears. keep: as the source has them (BF16 passes through; FP8 keeps its "
                           "bytes, scales renamed for compressed-tensors); bf16: dequantize FP8 attention to BF16; "
-                          "fp8: FP8 E4M3 weights with per-channel scales and dynamic per-token activations "
-                          "(FP8_DYNAMIC) from a BF16/FP16/FP32 source.")(f)
+                          + "; ".join(f"{n}: {e.description}" for n, e in ATTN_SCHEMES.items()) + ".")(f)
     f = click.option("--ignore", "ignore", multiple=True, metavar="REGEX",
                      help="Leave tensors whose name matches REGEX (Python re.search) unquantized. Repeatable.")(f)
     f = click.option("--recipe", type=click.Path(exists=True, dir_okay=False), default=None,

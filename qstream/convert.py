@@ -13,10 +13,12 @@ journal by a background finisher while the next shard is converted.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from .errors import QStreamError
 from .journal import open_journal
 from .plan import Op, OutShard, Plan
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
-from .schemes import SCHEMES, fp8
+from .schemes import ATTN_SCHEMES, SCHEMES, fp8
 from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, write_atomic, write_json
 
 BLOCK_BYTES = 16 << 20  # source bytes per work item
@@ -40,23 +42,39 @@ HOLD_BYTES = 512 << 20
 
 
 def _kernels():
-    """The fused numba kernels; QSTREAM_KERNELS=reference selects the numpy spec instead."""
-    try:
-        if os.environ.get("QSTREAM_KERNELS") == "reference":
-            raise ImportError
-        from .schemes import kernels  # fused numba kernels
-        return kernels
-    except ImportError:
-        from types import SimpleNamespace
+    """The fused numba kernels; the numpy spec (:mod:`qstream.schemes.reference`, byte-identical,
+    far slower) when QSTREAM_KERNELS=reference asks for it or numba is not installed at all.
+    Any other failure to import the kernels is an error: a broken install must not silently
+    make a conversion ~100x slower."""
+    choice = os.environ.get("QSTREAM_KERNELS", "")
+    if choice not in ("", "numba", "reference"):
+        raise QStreamError(f"QSTREAM_KERNELS={choice!r} is not a kernel choice; set it to 'reference' "
+                           "(the numpy spec) or 'numba', or unset it.")
+    if choice != "reference":
+        try:
+            from .schemes import kernels  # fused numba kernels
+            return kernels
+        except ImportError as e:
+            if not (isinstance(e, ModuleNotFoundError) and e.name == "numba" and importlib.util.find_spec("numba") is None):
+                raise QStreamError(f"the fused kernels (qstream/schemes/kernels.py) cannot be imported "
+                                   f"({e.__class__.__name__}: {e}); repair the numba install (pip install "
+                                   "--force-reinstall numba), or set QSTREAM_KERNELS=reference to run the slow "
+                                   "numpy reference instead.") from e
+            warnings.warn("numba is not installed: qstream runs its numpy reference kernels (same bytes, "
+                          "much slower); pip install numba for the fused kernels.", RuntimeWarning, stacklevel=2)
+    from types import SimpleNamespace
 
-        from .schemes import reference
-        return SimpleNamespace(absmax=reference.tensor_absmax, quantize_nvfp4=reference.quantize_nvfp4,
-                               quantize_mxfp4=reference.quantize_mxfp4)
+    from .schemes import reference
+    return SimpleNamespace(absmax=reference.tensor_absmax, quantize_nvfp4=reference.quantize_nvfp4,
+                           quantize_mxfp4=reference.quantize_mxfp4)
 
 
 @dataclass
 class Progress:
-    """Callbacks the CLI hooks into (rich bar on a terminal, plain lines otherwise)."""
+    """Callbacks the CLI hooks into (rich bar on a terminal, plain lines otherwise).
+
+    ``on_tensor`` is called once per tensor when all its bytes are written, and ``on_shard``
+    when a shard is renamed into place; both may come from worker threads, never two at once."""
 
     on_start: Callable[[Plan], None] = lambda plan: None
     on_tensor: Callable[[Op, int], None] = lambda op, nbytes: None
@@ -115,7 +133,9 @@ class Executor:
         self.reader = ShardReader(on_open=self.hooks.fetch)
         self.k = _kernels()
         self._global_scales: dict[str, np.float32] = {}
-        self._scales: dict[str, np.ndarray] = {}
+        self._scales: dict[str, np.ndarray] = {}  # FP8 source scales of the ops being converted
+        self._scales_lock = threading.Lock()
+        self._progress_lock = threading.Lock()  # Progress callbacks come from worker threads, one at a time
         self._by_module = {op.module: op for op in plan.ops if op.scale_group}
         self.hold_bytes = hold_bytes
         self._held: dict[tuple[int, int, int], np.ndarray] = {}  # (id(op), r0, r1) -> read_float rows
@@ -139,15 +159,27 @@ class Executor:
             if op_or_info.block:
                 b0 = op_or_info.block[0]
                 step = max(b0, step // b0 * b0)
+        if isinstance(op_or_info, Op) and op_or_info.kind == "fp8":  # whole blocks of the output encoding
+            align = math.lcm(ATTN_SCHEMES[op_or_info.scheme].row_align, (op_or_info.block or (1,))[0])
+            step = max(align, step // align * align)
         for r0 in range(0, rows, step):
             yield r0, min(rows, r0 + step)
 
     def _scale(self, op: Op) -> np.ndarray:
-        s = self._scales.get(op.src_scale.name)
-        if s is None:
-            s = self.reader.read(op.src_scale).astype(np.float32)
-            self._scales[op.src_scale.name] = s
-        return s
+        """The op's FP8 source scale as float32, read once for all the pool threads that need it
+        (scale tensors are small: the lock is held while reading) and kept until :meth:`forget`."""
+        with self._scales_lock:
+            s = self._scales.get(op.src_scale.name)
+            if s is None:
+                s = self.reader.read(op.src_scale).astype(np.float32)
+                self._scales[op.src_scale.name] = s
+            return s
+
+    def forget(self, op: Op) -> None:
+        """The op is done with its source: drop its cached FP8 scale."""
+        if op.src_scale is not None:
+            with self._scales_lock:
+                self._scales.pop(op.src_scale.name, None)
 
     def read_view(self, info: TensorInfo, op: Op, r0: int, r1: int) -> np.ndarray:
         """Rows [r0, r1) of a view's [count, ...] matrix from one expert of a fused tensor."""
@@ -233,6 +265,9 @@ class Executor:
 
             members = [self._by_module[n] for n in self.plan.scale_groups[key]]
             amax = max(self.tensor_absmax(m, hold=True) for m in members)
+            for m in members:  # a partner's rows not held are read again, with its scale, when it runs
+                if m is not op:
+                    self.forget(m)
             dtype = np.float32 if op.src_scale is not None or op.layout else DTYPES[op.source.dtype].type
             gs = reference.nvfp4_global_scale(amax, dtype)
             self._global_scales[key] = gs
@@ -278,21 +313,18 @@ class Executor:
             for r0, r1 in self._blocks(op):
                 yield lambda r0=r0, r1=r1: w.pwrite(out.offset + r0 * row, self.read_float(op, r0, r1).astype(DTYPES[out.dtype]))
             return
-        if op.kind == "fp8":
-            q_t, s_t = op.outputs
-            cols = info.shape[1]
-            item = DTYPES[s_t.dtype].itemsize
+        if op.kind == "fp8":  # an FP8 attention encoding (schemes.ATTN_SCHEMES): rows in, one array per output
+            enc = ATTN_SCHEMES[op.scheme]
 
-            def fp8_block(r0: int, r1: int) -> None:
+            def encode(r0: int, r1: int) -> None:
                 x = self.read_float(op, r0, r1)
                 if not math.isfinite(float(self.k.absmax(x))):
                     raise self._nonfinite(op)
-                q, sc = fp8.quantize_fp8_channel(x)
-                w.pwrite(q_t.offset + r0 * cols, q)
-                w.pwrite(s_t.offset + r0 * item, sc)
+                for t, arr, per in zip(op.outputs, enc.encode(x), enc.rows_per_out_row):
+                    w.pwrite(t.offset + r0 // per * (t.nbytes // t.shape[0]), arr)
 
             for r0, r1 in self._blocks(op):
-                yield lambda r0=r0, r1=r1: fp8_block(r0, r1)
+                yield lambda r0=r0, r1=r1: encode(r0, r1)
             return
         scheme = SCHEMES[op.scheme]
         _, cols = op.shape
@@ -347,8 +379,9 @@ class Executor:
                 to_release = [p for op in ops for p in releases.get(id(op), ())]
                 if shard.filename in journal.shards:
                     resumed += 1
-                    for op in ops:
-                        progress.on_tensor(op, op.bytes_in)
+                    with self._progress_lock:  # a finisher thread may be reporting a shard meanwhile
+                        for op in ops:
+                            progress.on_tensor(op, op.bytes_in)
                     written.append(dst / shard.filename)
                     progress.on_note(f"{shard.filename}: already done (checksum verified), kept")
                     self._release(to_release)
@@ -362,11 +395,19 @@ class Executor:
                     remaining = [len(items)]
                     lock = threading.Lock()
 
-                    def item_done(_f, op=op, remaining=remaining, lock=lock):
+                    failed = [False]
+
+                    def item_done(_f, op=op, remaining=remaining, lock=lock, failed=failed):
                         slots.release()
                         with lock:
                             remaining[0] -= 1
                             last = remaining[0] == 0
+                            failed[0] = failed[0] or _f.cancelled() or _f.exception() is not None
+                        if last:
+                            self.forget(op)
+                            if not failed[0]:  # every byte of the tensor is written: now it counts
+                                with self._progress_lock:
+                                    progress.on_tensor(op, op.bytes_in)
                         if last and op.view is None:  # its source bytes are done with: drop their pages now
                             for t in (op.source, op.src_scale):
                                 if t is not None:
@@ -380,7 +421,6 @@ class Executor:
                         if f.done() and f.exception():
                             break
                     self._raise_first(futures)
-                    progress.on_tensor(op, op.bytes_in)
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 self._raise_first(futures)
                 for op in ops:  # the source bytes of this shard are done with: keep the page cache flat
@@ -412,6 +452,8 @@ class Executor:
             finisher.shutdown(wait=True)
             self._held.clear()
             self.reader.close()
+            with self._scales_lock:
+                self._scales.clear()
         return Result(
             seconds=time.perf_counter() - t0,
             bytes_in=plan.bytes_in,
@@ -437,7 +479,8 @@ class Executor:
         path = sw.finish()  # hashed while it was written (ShardWriter), fsynced, renamed
         journal.record(shard.filename, path.stat().st_size, sw.sha256())
         drop_pages(path)
-        progress.on_shard(path)
+        with self._progress_lock:
+            progress.on_shard(path)
         self.hooks.shard_done(path)
         return path
 

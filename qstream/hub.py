@@ -1,14 +1,7 @@
 """Hub in, Hub out: convert straight from a Hub repo and push while converting.
 
-Source: :func:`open_hub_checkpoint` resolves ``org/name[@revision]`` to one commit,
-downloads config.json, the index and the small side files (into the HF cache), and
-reads every safetensors header with HTTP range requests, so the plan is made before
-any tensor byte is fetched. Each shard's ``TensorInfo.path`` is where the shard
-*will* be: its HF cache snapshot path, or ``DST/.qstream/downloads/<file>`` with
-``--low-disk``. :class:`SourceFetcher` downloads a shard when the executor first
-opens it (prefetching the next one in the background, never more than two
-unreleased shards) and, with ``--low-disk``, deletes it as soon as the executor
-releases it. With ``HF_HUB_OFFLINE=1`` a cached snapshot is opened like a folder.
+Source: :mod:`qstream.hub_source` (:func:`open_hub_checkpoint`, :class:`SourceFetcher`;
+re-exported here).
 
 Destination: :class:`HubPusher` creates the repo, records the branch head, uploads
 each finished output shard from a background thread (``preupload_lfs_files``:
@@ -21,391 +14,25 @@ the LFS batch API, and Xet deduplicates the chunks it already holds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
-import re
-import shutil
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .atomic import os_error, write_atomic
+from .checkpoint import GENERATED, Checkpoint
 from .convert import Hooks
 from .errors import QStreamError
+from .hub_source import (DOWNLOADS, HubCheckpoint, SourceFetcher, _hf, _hub_error, is_repo_id,  # noqa: F401
+                         open_hub_checkpoint)
 from .plan import Plan
-from .safetensors_io import ShardHeader, header_length, parse_header, read_header
-from .source import GENERATED, INDEX_NAME, WEIGHT_SUFFIXES, Checkpoint, _load_json, collect_tensors, open_checkpoint
 from .writer import STAGING_DIR
 
-DOWNLOADS = "downloads"  # DST/.qstream/downloads: source shards fetched with --low-disk
 PUSH_STATE = "push.json"  # DST/.qstream/push.json: what an interrupted push was doing
-HEADER_PROBE = 256 << 10  # first range request per shard; most headers fit
-HEADER_THREADS = 8  # shard headers read concurrently
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
-
-
-def is_repo_id(text: str) -> bool:
-    """``org/name`` as the Hub spells repo ids (a path that does not exist locally)."""
-    return bool(_REPO_ID.fullmatch(text)) and ".." not in text and "--" not in text and not text.endswith(".git")
-
-
-def _hf():
-    """huggingface_hub, imported on first use (it reads HF_ENDPOINT/HF_HOME at import)."""
-    import huggingface_hub
-    from huggingface_hub.utils import disable_progress_bars
-
-    disable_progress_bars()  # qstream draws its own progress
-    return huggingface_hub
-
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
-def _hub_error(what: str, e: Exception, repo_id: str, revision: str | None = None, source: bool = False) -> QStreamError:
-    """One actionable sentence for an error raised by huggingface_hub (``source``: the repo
-    is SRC, so "not found" also means there is no local folder of that name)."""
-    from huggingface_hub import errors as E
-
-    import httpx2
-
-    rev = f" at revision {revision!r}" if revision else ""
-    if isinstance(e, E.RevisionNotFoundError):
-        return QStreamError(f"{repo_id}: revision {revision!r} does not exist; pass an existing branch, tag or commit to --revision.")
-    if isinstance(e, E.GatedRepoError):
-        return QStreamError(f"{repo_id} is gated: accept its conditions on the Hub, then log in with `hf auth login` or set HF_TOKEN.")
-    if isinstance(e, E.RepositoryNotFoundError):
-        also = " (and there is no local folder of that name)" if source else ""
-        return QStreamError(f"{repo_id}: repository not found on {_endpoint()}{also}; check the name, or log in "
-                            "with `hf auth login` / set HF_TOKEN if it is private.")
-    if isinstance(e, E.RemoteEntryNotFoundError):
-        return QStreamError(f"{repo_id}{rev}: {what}: the file is missing from the repo; fix the repo or pick another --revision.")
-    if isinstance(e, E.LocalEntryNotFoundError) or isinstance(e, E.OfflineModeIsEnabled):
-        return QStreamError(f"{repo_id}{rev}: {what}: not in the local Hugging Face cache and the Hub is not reachable "
-                            "(HF_HUB_OFFLINE is set or there is no network); download it once online first.")
-    if isinstance(e, (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError)):
-        return QStreamError(f"{repo_id}: {what}: cannot reach {_endpoint()} ({e.__class__.__name__}); check the "
-                            "network, or set HF_HUB_OFFLINE=1 to use a snapshot already in the cache.")
-    if isinstance(e, E.HfHubHTTPError):
-        status = e.response.status_code if e.response is not None else "?"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        if status in (401, 403):
-            return QStreamError(f"{repo_id}: {what}: the Hub refused the token (HTTP {status}); log in with "
-                                "`hf auth login` or set HF_TOKEN to a token with write access.")
-        return QStreamError(f"{repo_id}: {what} failed (HTTP {status}: {first}); rerun the same command to retry.")
-    return QStreamError(f"{repo_id}: {what} failed ({e.__class__.__name__}: {e}); rerun the same command to retry.")
-
-
-# --------------------------------------------------------------------------- source
-
-
-@dataclass
-class HubCheckpoint(Checkpoint):
-    """A checkpoint whose shards are (or will be) downloaded from a Hub repo."""
-
-    repo_id: str = ""
-    revision: str | None = None
-    commit: str = ""
-    sizes: dict[Path, int] = field(default_factory=dict)  # shard path -> size in bytes
-    remote: dict[Path, str] = field(default_factory=dict)  # shard path -> filename in the repo, if it must be downloaded
-    download_dir: Path | None = None  # set with --low-disk: shards land (and are deleted) here
-
-    @property
-    def label(self) -> str:
-        return f"{self.repo_id}@{self.commit[:10]}"
-
-    def fingerprint(self) -> str:
-        """Identity of the source: repo, commit, shard names and sizes, tensors, config."""
-        h = hashlib.sha256(f"hub:{self.repo_id}@{self.commit}\n".encode())
-        for s in self.shards:
-            h.update(f"{s.path.name}:{self.sizes[s.path]}\n".encode())
-        for t in self.tensors.values():
-            h.update(f"{t.name}:{t.dtype}:{t.shape}:{t.path.name}:{t.begin}\n".encode())
-        h.update(json.dumps(self.config, sort_keys=True).encode())
-        return h.hexdigest()
-
-
-def _snapshot_dir(repo_id: str, commit: str) -> Path:
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / commit
-
-
-def _record_ref(repo_id: str, revision: str, commit: str) -> None:
-    """Remember revision -> commit in the HF cache (``refs/<revision>``, as hf_hub_download does
-    for a branch), so that HF_HUB_OFFLINE=1 finds this snapshot later; shards are downloaded
-    by commit hash, which alone does not write the ref."""
-    if revision == commit:
-        return
-    ref = _snapshot_dir(repo_id, commit).parent.parent / "refs" / revision
-    try:
-        if ref.is_file() and ref.read_text() == commit:
-            return
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
-        tmp.write_text(commit)
-        os.replace(tmp, ref)
-    except OSError:
-        pass  # a read-only cache still converts; only offline reuse by branch name is lost
-
-
-def _read_remote_header(repo_id: str, filename: str, commit: str, size: int, path: Path) -> ShardHeader:
-    """A shard's header through HTTP range requests on its resolve URL (no tensor bytes)."""
-    hf = _hf()
-    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
-
-    label = f"{repo_id}/{filename}"
-    url = hf.hf_hub_url(repo_id, filename, revision=commit)
-    headers = build_hf_headers()
-
-    def get(start: int, stop: int) -> bytes:
-        out = bytearray()
-        with http_stream_backoff("GET", url, headers={**headers, "Range": f"bytes={start}-{stop - 1}"},
-                                 follow_redirects=True) as r:
-            hf_raise_for_status(r)
-            skip = start if r.status_code == 200 else 0  # server ignored Range: skip to start, stop early
-            for chunk in r.iter_bytes():
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                out += chunk
-                if len(out) >= stop - start:
-                    break
-        return bytes(out[: stop - start])
-
-    try:
-        head = get(0, min(size, HEADER_PROBE))
-        n = header_length(head, size, label)
-        raw = head[8: 8 + n]
-        if len(raw) < n:
-            raw += get(len(head), 8 + n)
-    except QStreamError:
-        raise
-    except Exception as e:
-        raise _hub_error(f"reading the header of {filename}", e, repo_id, commit, source=True) from e
-    if len(raw) != n:
-        raise QStreamError(f"{label}: the Hub returned {len(raw)} of the {n} header bytes; rerun, or re-upload the file.")
-    return parse_header(raw, size, path, label=label)
-
-
-def _download(repo_id: str, filename: str, commit: str, local_dir: Path | None) -> Path:
-    hf = _hf()
-    try:
-        p = hf.hf_hub_download(repo_id, filename, revision=commit, local_dir=local_dir)
-    except Exception as e:
-        raise _hub_error(f"downloading {filename}", e, repo_id, commit, source=True) from e
-    return Path(p)
-
-
-def open_hub_checkpoint(repo_id: str, revision: str | None = None, download_dir: Path | None = None) -> HubCheckpoint:
-    """Resolve a Hub repo to one commit and read everything the plan needs: config.json,
-    the index, side files (downloaded into the HF cache) and every shard header (range
-    requests). No tensor bytes are downloaded. With ``download_dir`` (``--low-disk``),
-    shards not already in the cache will be downloaded there and deleted after use."""
-    hf = _hf()
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        return _open_cached_snapshot(repo_id, revision, download_dir)
-    api = hf.HfApi()
-    try:
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
-    except Exception as e:
-        import httpx2
-
-        if isinstance(e, (httpx2.ConnectError, httpx2.TimeoutException)):
-            try:
-                return _open_cached_snapshot(repo_id, revision, download_dir)
-            except QStreamError:
-                pass
-        raise _hub_error("reading the repo", e, repo_id, revision, source=True) from e
-    commit = info.sha or ""
-    _record_ref(repo_id, revision or "main", commit)
-    sizes = {s.rfilename: (s.size if s.size is not None else (s.lfs.size if s.lfs else 0)) for s in info.siblings or []}
-    where = f"{repo_id}@{revision or 'main'}"
-    snap = _snapshot_dir(repo_id, commit)
-
-    if "config.json" not in sizes:
-        raise QStreamError(f"{where}: the repo has no config.json; a Hugging Face checkpoint needs it.")
-    for small in ("config.json", INDEX_NAME):
-        if small in sizes:
-            _download(repo_id, small, commit, None)
-    config = _load_json(snap / "config.json", "config.json")
-    weight_map = None
-    if INDEX_NAME in sizes:
-        index = _load_json(snap / INDEX_NAME, INDEX_NAME)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise QStreamError(f"{where}: {INDEX_NAME} has no weight_map; fix the repo.")
-        files: list[str] = []
-        for fname in weight_map.values():
-            if fname not in files:
-                files.append(fname)
-        for fname in files:
-            if fname not in sizes:
-                raise QStreamError(f"{where}: {INDEX_NAME} names shard {fname}, which is not in the repo; "
-                                   "the upload is incomplete: fix the repo or pick another --revision.")
-    else:
-        files = sorted(f for f in sizes if f.endswith(".safetensors") and "/" not in f)
-        if "model.safetensors" in files:
-            files = ["model.safetensors"]
-        if not files:
-            raise QStreamError(f"{where}: no safetensors files in the repo (and no {INDEX_NAME}); qstream reads "
-                               "safetensors checkpoints only.")
-
-    shard_sizes: dict[Path, int] = {}
-    remote: dict[Path, str] = {}
-    for fname in files:
-        cached = snap / fname
-        if cached.is_file():  # already in the cache: read it there, never delete it
-            path = cached
-        else:
-            path = (download_dir / fname) if download_dir is not None else cached
-            remote[path] = fname
-        shard_sizes[path] = sizes[fname]
-
-    def header(path: Path) -> ShardHeader:
-        if path in remote:
-            return _read_remote_header(repo_id, remote[path], commit, shard_sizes[path], path)
-        return read_header(path)
-
-    with ThreadPoolExecutor(HEADER_THREADS) as pool:  # one round trip per shard: overlap them
-        shards = list(pool.map(header, shard_sizes))
-    tensors = collect_tensors(shards, weight_map)
-
-    used = set(files)
-    side: list[Path] = []
-    skipped: list[Path] = []
-    for rel in sorted(sizes):
-        if any(part.startswith(".") for part in rel.split("/")) or rel in used or rel in GENERATED:
-            continue
-        if rel.endswith(WEIGHT_SUFFIXES):
-            skipped.append(Path(rel))
-            continue
-        _download(repo_id, rel, commit, None)
-        side.append(Path(rel))
-    card = None
-    if "README.md" in sizes:
-        card = _download(repo_id, "README.md", commit, None).read_text(encoding="utf-8", errors="replace")
-    return HubCheckpoint(snap, config, shards, tensors, side, skipped, card, repo_id=repo_id, revision=revision,
-                         commit=commit, sizes=shard_sizes, remote=remote, download_dir=download_dir)
-
-
-def _open_cached_snapshot(repo_id: str, revision: str | None, download_dir: Path | None) -> HubCheckpoint:
-    """Offline: the cached snapshot of ``revision`` opened like a local folder."""
-    hf = _hf()
-    try:
-        folder = Path(hf.snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception as e:
-        raise _hub_error("opening the cached snapshot", e, repo_id, revision, source=True) from e
-    ck = open_checkpoint(folder)
-    return HubCheckpoint(ck.root, ck.config, ck.shards, ck.tensors, ck.side_files, ck.skipped_files, ck.source_card,
-                         repo_id=repo_id, revision=revision, commit=folder.name,
-                         sizes={s.path: s.path.stat().st_size for s in ck.shards}, remote={}, download_dir=download_dir)
-
-
-class SourceFetcher:
-    """Downloads Hub shards when first needed (and the next one in the background) and,
-    with ``delete`` (``--low-disk``), deletes each once the executor releases it."""
-
-    def __init__(self, ckpt: HubCheckpoint, order: list[Path], delete: bool, max_live: int = 2,
-                 on_disk_change: Callable[[], None] = lambda: None) -> None:
-        self.ckpt = ckpt
-        self.order = [p for p in order if p in ckpt.remote]
-        self.delete = delete
-        self.max_live = max_live
-        self.on_disk_change = on_disk_change
-        self._lock = threading.Lock()
-        self._futures: dict[Path, Future] = {}
-        self._released: set[Path] = set()
-        self._closed = False
-
-    def _download(self, path: Path, fut: Future) -> None:
-        try:
-            name = self.ckpt.remote[path]
-            d = self.ckpt.download_dir
-            local_dir = d if d is not None and path.is_relative_to(d) else None
-            got = _download(self.ckpt.repo_id, name, self.ckpt.commit, local_dir)
-            if os.path.abspath(got) != os.path.abspath(path):
-                raise QStreamError(f"{self.ckpt.repo_id}/{name}: downloaded to {got}, expected {path}; "
-                                   "HF_HOME/HF_HUB_CACHE changed while converting, rerun.")
-            if got.stat().st_size != self.ckpt.sizes[path]:
-                raise QStreamError(f"{self.ckpt.repo_id}/{name}: downloaded {got.stat().st_size} bytes, the repo "
-                                   f"lists {self.ckpt.sizes[path]}; rerun to download it again.")
-            self.on_disk_change()
-            fut.set_result(path)
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
-            fut.set_exception(e)
-
-    def fetch(self, path: Path) -> None:
-        if path not in self.ckpt.remote:
-            return
-        with self._lock:
-            fut = self._futures.get(path)
-            mine = fut is None
-            if mine:
-                fut = self._futures[path] = Future()
-        if mine:
-            self._download(path, fut)
-        fut.result()
-        self._prefetch()
-
-    def release(self, path: Path) -> None:
-        if path not in self.ckpt.remote:
-            return
-        self.on_disk_change()  # the peak is just before the delete
-        with self._lock:
-            self._released.add(path)
-        if self.delete:
-            _unlink_download(path, self.ckpt.download_dir)
-        self._prefetch()
-
-    def _prefetch(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            live = sum(1 for p in self._futures if p not in self._released)
-            if live >= self.max_live:
-                return
-            nxt = next((p for p in self.order if p not in self._futures and p not in self._released), None)
-            if nxt is None:
-                return
-            fut = self._futures[nxt] = Future()
-        threading.Thread(target=self._download, args=(nxt, fut), name="qstream-prefetch", daemon=True).start()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            pending = [f for f in self._futures.values() if not f.done()]
-        for f in pending:
-            try:
-                f.result(timeout=600)
-            except BaseException:  # noqa: BLE001 - a prefetch nobody waited for
-                pass
-        if self.delete and self.ckpt.download_dir is not None:
-            shutil.rmtree(self.ckpt.download_dir, ignore_errors=True)
-
-
-def _unlink_download(path: Path, download_dir: Path | None) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    if download_dir is not None:  # hf_hub_download(local_dir=...) keeps a small metadata file per download
-        rel = path.relative_to(download_dir) if path.is_relative_to(download_dir) else Path(path.name)
-        meta = download_dir / ".cache" / "huggingface" / "download" / rel
-        for extra in (meta.with_name(meta.name + ".metadata"), meta.with_name(meta.name + ".lock")):
-            try:
-                extra.unlink()
-            except FileNotFoundError:
-                pass
 
 
 def fetch_order(plan: Plan) -> list[Path]:
@@ -568,12 +195,14 @@ class HubPusher:
 
     def _save_state(self) -> None:
         path = self.dst / STAGING_DIR / PUSH_STATE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({
+        data = json.dumps({
             "repo_id": self.repo_id, "branch": self.branch, "fingerprint": self.fingerprint,
             "parent_commit": self.parent, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        }, indent=1)
+        try:
+            write_atomic(path, data, tmp=path.with_suffix(".tmp"))
+        except OSError as e:
+            raise os_error(path, e) from e
 
     # ---------------------------------------------------------------- uploads
     def _worker(self) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import os_error, write_atomic
 from .errors import QStreamError
 
 JOURNAL = "journal.json"
@@ -54,18 +54,11 @@ class Journal:
         return cls(p, fingerprint, shards, bool(obj.get("complete")))
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
         data = json.dumps({"fingerprint": self.fingerprint, "complete": self.complete, "shards": self.shards}, indent=1)
         try:
-            with open(tmp, "w") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            write_atomic(self.path, data, tmp=self.path.with_suffix(".tmp"))
         except OSError as e:  # a full or read-only disk: one clear sentence, not a traceback
-            from .writer import _os_error
-
-            raise _os_error(self.path, e) from e
+            raise os_error(self.path, e) from e
 
     def record(self, filename: str, size: int, sha256: str) -> None:
         self.shards[filename] = {"size": size, "sha256": sha256}

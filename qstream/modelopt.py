@@ -70,6 +70,7 @@ import numpy as np
 
 from . import __version__
 from .errors import QStreamError
+from .ops import Op, OutTensor
 
 FORMATS = ("compressed-tensors", "modelopt")
 QUANT_ALGO = "W4A16_NVFP4"  # weight-only NVFP4 (ModelOpt QUANTIZATION_W4A16_NVFP4)
@@ -119,8 +120,6 @@ def apply_format(ops: list) -> None:
     """Rename the NVFP4 outputs of a plan's ops to ModelOpt's names (``--format modelopt``).
 
     Only weight-only NVFP4 exists in this layout: any other quantized module is an error."""
-    from .plan import OutTensor
-
     quantized = [op for op in ops if op.module_scheme is not None]
     if not quantized:
         raise QStreamError("--format modelopt: nothing would be quantized; ModelOpt output needs NVFP4 "
@@ -276,8 +275,6 @@ def plan_source(src, opts, classifier, ignore_res, warnings: list[str]) -> Sourc
     ``X.weight`` -> ``X.weight_packed`` and ``X.weight_scale`` copied byte for byte,
     ``X.weight_scale_2`` -> ``X.weight_global_scale`` (:func:`global_scale`); ``input_scale``
     (W4A4) and KV-cache scales are dropped: the output is weight-only NVFP4."""
-    from .plan import Op, OutTensor
-
     res = SourcePlan()
     cfg = source_config(src)
     t = src.tensors

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
+from .checkpoint import Checkpoint
 from .errors import QStreamError
+from .ops import Op, OutShard, OutTensor, View
 from .roles import ROLES, Classifier, Family, Recipe, load_families, select_family
-from .safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header, dtype_size
-from .schemes import SCHEMES, Scheme, fp8_group_args
+from .safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header
+from .schemes import ATTN_SCHEMES, SCHEMES, Scheme, fp8_group_args
 from .schemes.reference import SEARCH_MODES
-from .source import Checkpoint
 
 SHARD_METADATA = {"format": "pt"}
 
@@ -28,7 +29,7 @@ SHARD_METADATA = {"format": "pt"}
 @dataclass(frozen=True)
 class Options:
     mlp: str = "mxfp4"
-    attn: str = "keep"  # keep | bf16 (dequantize FP8 attention) | fp8 (FP8_DYNAMIC from a float source)
+    attn: str = "keep"  # keep | bf16 (dequantize FP8 attention) | a name in schemes.ATTN_SCHEMES (fp8: FP8_DYNAMIC)
     ignore: tuple[str, ...] = ()
     recipe: str | None = None
     max_shard_size: int = 5 * 10**9
@@ -44,122 +45,6 @@ class Options:
             "max_shard_size": self.max_shard_size,
             "scale_search": self.scale_search,
         }
-
-
-@dataclass
-class OutTensor:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    shard: int = -1
-    offset: int = -1  # within the shard's data section
-
-    @property
-    def nbytes(self) -> int:
-        n = dtype_size(self.dtype)
-        for d in self.shape:
-            n *= d
-        return n
-
-
-@dataclass(frozen=True)
-class View:
-    """A 2-D Linear weight [count, in_dim] cut out of a fused 3-D expert tensor.
-
-    The source holds expert ``expert`` as a [out_total, in_dim] slab (or [in_dim,
-    out_total] when ``transpose``); the view takes ``count`` output rows starting
-    at ``start`` with stride ``step`` (2 for gpt-oss's interleaved gate/up).
-    """
-
-    expert: int
-    transpose: bool
-    start: int
-    step: int
-    count: int
-    in_dim: int
-
-
-@dataclass
-class Op:
-    # "copy" | "cast" (small tensor to F32) | "quantize" (FP4) | "fp8" | "dequantize" (FP8 -> BF16)
-    # | "repack" (gpt-oss MXFP4 rows -> compressed-tensors MXFP4) | "slice" (per-expert bias)
-    kind: str
-    role: str
-    source: TensorInfo
-    outputs: list[OutTensor]
-    scheme: str | None = None  # FP4 scheme of a "quantize" op
-    scale_group: str | None = None  # NVFP4: tensors sharing one global scale
-    note: str = ""
-    # FP8 source of a "quantize"/"dequantize" op: w = fp8 * scale, per tensor, channel or block
-    src_scale: TensorInfo | None = None
-    layout: str | None = None
-    block: tuple[int, int] | None = None
-    # how the module is described in quantization_config (None: unquantized)
-    module_scheme: str | None = None
-    # fused 3-D experts: which expert / rows this op takes, and the module it writes
-    view: View | None = None
-    out_module: str | None = None
-
-    @property
-    def module(self) -> str:
-        return self.out_module or self.source.name.removesuffix(".weight")
-
-    @property
-    def bytes_in(self) -> int:
-        """Source bytes this op accounts for (a view: its share of the fused tensor)."""
-        if self.view is not None:
-            if self.layout == "mxfp4":
-                return self.view.count * (self.view.in_dim // 2 + self.view.in_dim // 32)
-            return self.view.count * self.view.in_dim * dtype_size(self.source.dtype)
-        return self.source.nbytes + (self.src_scale.nbytes if self.src_scale is not None else 0)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The logical shape this op reads: a view's [count, in_dim], else the source's."""
-        if self.view is not None:
-            return (self.view.count, self.view.in_dim)
-        return self.source.shape
-
-    @property
-    def bytes_out(self) -> int:
-        return sum(o.nbytes for o in self.outputs)
-
-    @property
-    def action(self) -> str:
-        """A short label for tables: what happens to this tensor."""
-        if self.layout == "modelopt":
-            return "nvfp4 repack (modelopt)"
-        if self.kind == "repack":
-            return "mxfp4 repack"
-        if self.kind == "slice":
-            return "split per expert"
-        if self.kind == "quantize":
-            src = {"mxfp4": " (from mxfp4)", None: ""}.get(self.layout, " (from fp8)")
-            return self.scheme + src + (" per expert" if self.view else "")
-        if self.kind == "fp8":
-            return "fp8 dynamic"
-        if self.kind == "dequantize":
-            return "fp8 -> bf16"
-        if self.module_scheme is not None:
-            return "fp8 kept"
-        if self.kind == "cast":
-            return "scale -> f32"
-        return "passthrough" if self.source.name == self.outputs[0].name else "renamed"
-
-
-@dataclass
-class OutShard:
-    filename: str
-    tensors: list[OutTensor] = field(default_factory=list)
-    header: bytes = b""
-
-    @property
-    def data_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def file_bytes(self) -> int:
-        return len(self.header) + self.data_bytes
 
 
 @dataclass
@@ -506,6 +391,12 @@ def _keep_fp8(f: Fp8Weight, role: str) -> list[Op]:
     return ops
 
 
+def _attn_op(enc, info: TensorInfo, role: str, module: str, dtype: str, **src) -> Op:
+    """An FP8 attention output (``--attn``, one of schemes.ATTN_SCHEMES) of a 2-D weight."""
+    outs = [OutTensor(n, d, s) for n, d, s in enc.outputs(module, info.shape, dtype)]
+    return Op("fp8", role, info, outs, scheme=enc.name, module_scheme=enc.key, **src)
+
+
 def _plan_tensor(info: TensorInfo, role: str, scheme: Scheme | None, fp8: Fp8Weight | None, opts: Options,
                  ignore_res: list[re.Pattern[str]], warnings: list[str]) -> list[Op]:
     module = info.name.removesuffix(".weight")
@@ -521,16 +412,18 @@ def _plan_tensor(info: TensorInfo, role: str, scheme: Scheme | None, fp8: Fp8Wei
         if role == "attention" and opts.attn == "bf16":
             return [Op("dequantize", role, info, [OutTensor(info.name, "BF16", info.shape)], src_scale=fp8.scale,
                        layout=fp8.layout, block=fp8.block)]
+        enc = ATTN_SCHEMES.get(opts.attn) if role == "attention" and scheme is None and not ignored else None
+        if enc is not None and not enc.keeps(fp8.layout, fp8.block):  # decoded, then re-encoded
+            return [_attn_op(enc, info, role, module, "F32", src_scale=fp8.scale, layout=fp8.layout, block=fp8.block)]
         return _keep_fp8(fp8, role)
 
     copy = Op("copy", role, info, [OutTensor(info.name, info.dtype, info.shape)])
     if not info.name.endswith(".weight") or len(info.shape) != 2:
         return [copy]
-    if role == "attention" and opts.attn == "fp8" and not ignored and scheme is None:
+    if role == "attention" and opts.attn in ATTN_SCHEMES and not ignored and scheme is None:
         if info.dtype not in FLOAT_SOURCE_DTYPES:
             return [copy]
-        outs = [OutTensor(info.name, "F8_E4M3", info.shape), OutTensor(module + ".weight_scale", info.dtype, (info.shape[0], 1))]
-        return [Op("fp8", role, info, outs, module_scheme="fp8:channel")]
+        return [_attn_op(ATTN_SCHEMES[opts.attn], info, role, module, info.dtype)]
     if scheme is None:
         return [copy]
     if ignored:
@@ -647,6 +540,9 @@ def _group_for(key: str) -> dict:
     if key in SCHEMES:
         sch = SCHEMES[key]
         return {"weights": dict(sch.weights_args), "input_activations": None, "format": sch.format}
+    for enc in ATTN_SCHEMES.values():
+        if enc.key == key:
+            return enc.group()
     parts = key.split(":")  # fp8:<layout>[:static][:RxC]
     block = None
     if re.fullmatch(r"\d+x\d+", parts[-1]):

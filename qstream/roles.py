@@ -99,9 +99,23 @@ def _parse_family(text: str, source: str) -> Family:
     )
 
 
+def _formats_dir():
+    """The family data files: the ``qstream.formats`` resources of an installed qstream (pyproject
+    maps formats/ there), else the formats/ folder next to the package in a source checkout."""
+    try:
+        return resources.files("qstream.formats")
+    except ModuleNotFoundError:
+        pass
+    checkout = Path(__file__).resolve().parent.parent / "formats"
+    if not checkout.is_dir():
+        raise QStreamError(f"qstream's model-family files are missing (no qstream.formats package and no {checkout}); "
+                           "reinstall qstream (pip install qstream) or run it from a complete source checkout.")
+    return checkout
+
+
 def load_families() -> dict[str, Family]:
     out = {}
-    for entry in sorted(resources.files("qstream.formats").iterdir(), key=lambda p: p.name):
+    for entry in sorted(_formats_dir().iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".toml"):
             fam = _parse_family(entry.read_text(encoding="utf-8"), f"formats/{entry.name}")
             out[fam.name] = fam

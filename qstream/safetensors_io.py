@@ -196,19 +196,36 @@ class ShardReader:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._on_open = on_open
+        self._opening: dict[Path, threading.Event] = {}  # on_open running for these paths
 
     def fd(self, path: Path) -> int:
-        with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                if self._on_open is not None:
-                    self._on_open(path)
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError as e:
-                    raise QStreamError(f"{path}: cannot open ({e.strerror}).") from e
+        """The descriptor of ``path``, opened on first use after ``on_open(path)`` (which may
+        download it). ``on_open`` runs without the lock: other files are read meanwhile, and
+        readers of the same file wait for that one call."""
+        while True:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is not None:
+                    return fd
+                pending = self._opening.get(path)
+                if pending is None:
+                    pending = self._opening[path] = threading.Event()
+                    break
+            pending.wait()  # another thread is opening it; then look again (its failure: try it here)
+        try:
+            if self._on_open is not None:
+                self._on_open(path)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise QStreamError(f"{path}: cannot open ({e.strerror}).") from e
+            with self._lock:
                 self._fds[path] = fd
             return fd
+        finally:
+            with self._lock:
+                del self._opening[path]
+            pending.set()
 
     def read_bytes(self, path: Path, begin: int, nbytes: int, out: memoryview | None = None) -> memoryview:
         buf = out if out is not None else memoryview(bytearray(nbytes))

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
+from .atomic import os_error as _os_error
 from .errors import QStreamError
-from .plan import OutShard
+from .ops import OutShard
 from .safetensors_io import _fadvise_dontneed
 
 STAGING_DIR = ".qstream"
@@ -51,16 +53,6 @@ def _sync_file_range():
 
 _SYNC_FILE_RANGE = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
-
-
-def _os_error(path: Path, e: OSError) -> QStreamError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return QStreamError(f"{path}: no space left on the device while writing; free space (or pick another DST) and rerun with --resume.")
-    if e.errno == errno.EFBIG:
-        return QStreamError(f"{path}: file too large for this file system or size limit; rerun with a smaller --max-shard-size and --overwrite, or choose another DST.")
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return QStreamError(f"{path}: cannot write ({e.strerror}); choose a writable DST.")
-    return QStreamError(f"{path}: write failed ({e.strerror}).")
 
 
 class ShardWriter:
@@ -194,14 +186,15 @@ class ShardWriter:
             done += len(buf)
 
     def finish(self) -> Path:
-        """Hash (see sha256()), fsync and rename into place."""
-        self.sha256()
+        """Hash (see sha256()), fsync, close and rename the shard into place; its
+        descriptor is closed whatever fails."""
         try:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-            os.replace(self.tmp, self.final)
-            fsync_dir(self.final.parent)
+            try:
+                self.sha256()
+                os.fsync(self.fd)
+            finally:
+                self.abort()
+            atomic.replace_durably(self.tmp, self.final)
         except OSError as e:
             raise _os_error(self.final, e) from e
         return self.final
@@ -217,32 +210,10 @@ class ShardWriter:
             os.close(fd)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (a power cut cannot bring the old name back)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, data: bytes | str) -> None:
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    tmp = path.parent / STAGING_DIR / (path.name + ".partial")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    """An output file, written durably through DST/.qstream (:func:`qstream.atomic.write_atomic`)."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        atomic.write_atomic(path, data, tmp=path.parent / STAGING_DIR / (path.name + ".partial"))
     except OSError as e:
         raise _os_error(path, e) from e
 
@@ -253,12 +224,10 @@ def write_json(path: Path, obj: dict) -> None:
 
 def copy_side_file(src_root: Path, rel: Path, dst_root: Path) -> None:
     target = dst_root / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst_root / STAGING_DIR / (str(rel).replace(os.sep, "__") + ".partial")
     try:
-        shutil.copyfile(src_root / rel, tmp)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic.copy_atomic(src_root / rel, target, tmp=tmp)
     except OSError as e:
         raise _os_error(target, e) from e
 

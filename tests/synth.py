@@ -129,7 +129,7 @@ def dequant(q: np.ndarray, scale: np.ndarray, b: int = 128) -> np.ndarray:
     return x * np.repeat(np.repeat(s, b, 0), b, 1)[: x.shape[0], : x.shape[1]]
 
 
-def mistral3_config(fp8: bool = True) -> dict:
+def mistral3_config(fp8: bool = True, text: dict | None = None) -> dict:
     cfg = {
         "architectures": ["Mistral3ForConditionalGeneration"],
         "model_type": "mistral3",
@@ -147,6 +147,7 @@ def mistral3_config(fp8: bool = True) -> dict:
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
+    cfg["text_config"].update(text or {})
     if fp8:
         cfg["quantization_config"] = {
             "quant_method": "fp8", "activation_scheme": "static", "weight_block_size": None,
@@ -187,7 +188,7 @@ def mistral3_tensors(seed: int = 0) -> dict[str, np.ndarray]:
     return t
 
 
-def write_mistral3_fp8(root: Path, twin: Path | None = None, seed: int = 0) -> Path:
+def write_mistral3_fp8(root: Path, twin: Path | None = None, seed: int = 0, text: dict | None = None) -> Path:
     """A Mistral3 checkpoint in Mistral's FP8 per-tensor static layout (language-model
     linears FP8 with `weight_scale_inv` and `activation_scale`, the rest BF16), and
     optionally its BF16 twin (FP8 weights dequantized) for reference logits."""
@@ -205,9 +206,9 @@ def write_mistral3_fp8(root: Path, twin: Path | None = None, seed: int = 0) -> P
         else:
             out[name] = w.astype(ml_dtypes.bfloat16)
             ref[name] = out[name]
-    write_checkpoint(root, mistral3_config(fp8=True), out, n_shards=2, straddle=False)
+    write_checkpoint(root, mistral3_config(fp8=True, text=text), out, n_shards=2, straddle=False)
     if twin is not None:
-        write_checkpoint(twin, mistral3_config(fp8=False), ref, n_shards=1, straddle=False)
+        write_checkpoint(twin, mistral3_config(fp8=False, text=text), ref, n_shards=1, straddle=False)
     return root
 
 

@@ -81,6 +81,9 @@ MODES = [(s, "compressed-tensors", m) for s, ms in (("mxfp4", ("none", "mse")), 
 # a few more cells for the options that change outputs: attention choices and a ModelOpt source
 EXTRA = [
     ("llama", "nvfp4", "compressed-tensors", "none", {"attn": "fp8"}),
+    ("llama", "mxfp4", "compressed-tensors", "mse", {"attn": "fp8-block"}),
+    ("mistral3_fp8_tensor", "nvfp4", "compressed-tensors", "none", {"attn": "fp8-block"}),
+    ("qwen3_fp8_block", "nvfp4", "compressed-tensors", "mse", {"attn": "fp8-block"}),
     ("mistral3_fp8_tensor", "nvfp4", "compressed-tensors", "none", {"attn": "bf16"}),
     ("mistral3_fp8_tensor", "nvfp4", "modelopt", "none", {"attn": "bf16"}),
     ("qwen3_fp8_block", "mxfp4", "compressed-tensors", "mse", {"attn": "bf16"}),

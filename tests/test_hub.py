@@ -389,3 +389,24 @@ def test_killed_push_resumes_without_resending(hub, reference, tmp_path, mode, l
         print(f"\n[xet] rerun stored {stored} new xorb bytes; shards missing after the kill: "
               f"{sum(missing.values())} bytes, already uploaded: {sum(shard_sizes[n] for n in uploaded1)} bytes")
         assert stored <= sum(missing.values()) + 64 * 1024
+
+
+def test_prefetch_threads_end_with_close(hub, tmp_path):
+    """SourceFetcher.close() returns only when no prefetch thread of it is left running: the
+    real client downloads shard 1 on demand and shard 2 in the background, then close()."""
+    code = (
+        "import sys, threading\n"
+        "from qstream.hub_source import SourceFetcher, open_hub_checkpoint\n"
+        f"ck = open_hub_checkpoint({SRC_REPO!r}, download_dir=__import__('pathlib').Path({str(tmp_path / 'dl')!r}))\n"
+        "order = [s.path for s in ck.shards]\n"
+        "f = SourceFetcher(ck, order, delete=True)\n"
+        "f.fetch(order[0])\n"
+        "started = [t for t in threading.enumerate() if t.name == 'qstream-prefetch']\n"
+        "f.close()\n"
+        "alive = [t for t in threading.enumerate() if t.name == 'qstream-prefetch']\n"
+        "print('PREFETCHED', len(f._threads), 'ALIVE', len(alive))\n")
+    env = dict(os.environ, **hub_env(hub, tmp_path / "home"))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "PREFETCHED 1 ALIVE 0" in p.stdout, p.stdout
+    assert not (tmp_path / "dl").exists()  # with delete, close() removed the download folder after the threads ended

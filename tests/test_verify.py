@@ -316,6 +316,17 @@ def test_fp8_source(tmp_path):
     assert set(j["metrics"]["roles"]) == {"attention", "mlp"} and j["metrics"]["roles"]["attention"]["snr_db"] is None
 
 
+def test_fp8_source_measures_do_not_depend_on_threads(tmp_path):
+    """Each verify pool thread decodes the source with its own Executor (reader and FP8 scale
+    cache): 1 and 4 threads report the same numbers for every module."""
+    src = write_mistral3_fp8(tmp_path / "src")
+    dst = _convert(src, tmp_path / "out", "mxfp4")
+    one, four = verify(dst, src, threads=1), verify(dst, src, threads=4)
+    assert one.ok and four.ok, one.errors + four.errors
+    a = {m.module: (m.err_sq, m.sum_sq, m.max_abs) for m in one.metrics}
+    assert len(a) == 14 and a == {m.module: (m.err_sq, m.sum_sq, m.max_abs) for m in four.metrics}
+
+
 def test_fused_experts_source(tmp_path):
     cfg = qwen3_moe_config()
     tensors = qwen3_moe_tensors(cfg, fused=True)
@@ -374,6 +385,24 @@ def test_modelopt_output_passes_with_the_errors_of_compressed_tensors(modelopt_o
     j, jr = report.to_json()["metrics"], ref.to_json()["metrics"]
     assert j["schemes"]["nvfp4"]["rel_error"] == pytest.approx(jr["schemes"]["nvfp4"]["rel_error"], rel=1e-6)
     assert 0.075 < j["total"]["rel_error"] < 0.105  # ~0.083 with the default --scale-search mse, ~0.095 without
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_modelopt_checkpoint_as_source(modelopt_outputs, tmp_path, name):
+    """--source a ModelOpt NVFP4 checkpoint: each module is matched to its packed source weight
+    (not to the op that reads weight_scale_2) and decoded with ModelOpt's formula; its
+    compressed-tensors repack, and the checkpoint itself, decode to it exactly."""
+    src, ct, mo = modelopt_outputs[name]
+    n = 9 if name == "llama" else 24
+    rt = _convert(mo, tmp_path / "rt", "nvfp4")
+    for dst in (rt, mo):
+        report = verify(dst, mo)
+        assert report.ok, report.errors
+        assert len(report.metrics) == n
+        for m in report.metrics:
+            assert m.scheme == "nvfp4" and m.numel == m.shape[0] * m.shape[1], m.module
+            assert m.source == f"{m.module}.weight x {m.module}.weight_scale (modelopt nvfp4)", m.source
+            assert m.max_abs == 0.0 and m.rel_error == 0.0, (dst.name, m.module, m.max_abs)
 
 
 def test_modelopt_decoder_is_modelopts_formula():

@@ -52,7 +52,6 @@ STANDINS_USED: set[str] = set()
 
 
 def _install_standins() -> None:
-    from vllm.model_executor import kernels as _k  # noqa: F401
     import vllm.model_executor.kernels.linear as kl
     from vllm.model_executor.kernels.linear.mxfp4.base import MxFp4LinearKernel
     from vllm.model_executor.kernels.linear.nvfp4.base import NvFp4LinearKernel, NvFp4LinearLayerConfig
@@ -62,8 +61,8 @@ def _install_standins() -> None:
         dequantize_to_dtype,
     )
 
-    class CpuNvFp4A16StandIn(NvFp4LinearKernel):
-        """Weight-only NVFP4 on CPU: vLLM's own NVFP4 decoder, then F.linear."""
+    class _CpuStandIn:
+        """Always selectable; keeps the parameters as vLLM's scheme left them."""
 
         @classmethod
         def is_supported(cls, compute_capability=None):
@@ -75,6 +74,9 @@ def _install_standins() -> None:
 
         def process_weights_after_loading(self, layer):
             pass
+
+    class CpuNvFp4A16StandIn(_CpuStandIn, NvFp4LinearKernel):
+        """Weight-only NVFP4 on CPU: vLLM's own NVFP4 decoder, then F.linear."""
 
         def apply_weights(self, layer, x, bias=None):
             STANDINS_USED.add("nvfp4")
@@ -83,19 +85,8 @@ def _install_standins() -> None:
                                     x.dtype, block_size=16, swizzle=False)
             return F.linear(x, w, bias)
 
-    class CpuMxFp4StandIn(MxFp4LinearKernel):
+    class CpuMxFp4StandIn(_CpuStandIn, MxFp4LinearKernel):
         """MXFP4 on CPU without activation quantization (as Marlin runs it)."""
-
-        @classmethod
-        def is_supported(cls, compute_capability=None):
-            return True, None
-
-        @classmethod
-        def can_implement(cls, config):
-            return True, None
-
-        def process_weights_after_loading(self, layer):
-            pass
 
         def apply_weights(self, layer, x, bias=None):
             STANDINS_USED.add("mxfp4")

@@ -1,6 +1,8 @@
 """Number formats qstream writes, and what each adds to a checkpoint.
 
-The math lives in :mod:`qstream.schemes.reference` (readable numpy spec, held
+FP4 formats (``--mlp``) are :class:`Scheme` entries of :data:`SCHEMES`; FP8 output encodings
+for attention (``--attn``) are :class:`~qstream.schemes.fp8.Fp8Output` entries of
+:data:`ATTN_SCHEMES`, one module each. The FP4 math lives in :mod:`qstream.schemes.reference` (readable numpy spec, held
 byte-exact to compressed-tensors by the tests) and
 :mod:`qstream.schemes.kernels` (fused numba kernels, held byte-exact to the
 reference).
@@ -9,6 +11,9 @@ reference).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from . import fp8, fp8_block
+from .fp8 import Fp8Output
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,9 @@ NVFP4 = Scheme(
 )
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (MXFP4, NVFP4)}
+
+# FP8 output encodings for attention, by `--attn` name (each one module: fp8.py, fp8_block.py)
+ATTN_SCHEMES: dict[str, Fp8Output] = {s.name: s for s in (fp8.FP8_DYNAMIC, fp8_block.FP8_BLOCK)}
 
 
 def fp8_group_args(layout: str, block: tuple[int, int] | None = None, static_input: bool = False) -> dict:
