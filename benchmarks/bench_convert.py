@@ -29,16 +29,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of a child process."""
+def run_timed(cmd: list[str]) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (bytes) and CPU seconds (user + system) of a child process."""
     os.sync()  # the previous run's dirty pages are not this run's work
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    # cwd "/": `python -m qstream` must import the PYTHONPATH copy, not one in the current directory
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, cwd="/")
     _, status, ru = os.wait4(p.pid, 0)
     dt = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return dt, ru.ru_maxrss * 1024
+    return dt, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime
 
 
 def warm(path: Path) -> None:
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--compare", type=Path, help="another checkout's root (holding qstream/): run it too, per row")
     args = ap.parse_args()
+    args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
 
     sources = []
@@ -102,27 +104,27 @@ def main() -> None:
                 warm(src)
                 dst_cp = args.work / "cp-out"
                 shutil.rmtree(dst_cp, ignore_errors=True)
-                t_cp, _ = run_timed(["cp", "-r", str(src), str(dst_cp)])
+                t_cp, _, _ = run_timed(["cp", "-r", str(src), str(dst_cp)])
                 shutil.rmtree(dst_cp, ignore_errors=True)
                 warm(src)
-                t_cps, _ = run_timed(["sh", "-c", f"cp -r '{src}' '{dst_cp}' && sync"])
+                t_cps, _, _ = run_timed(["sh", "-c", f"cp -r '{src}' '{dst_cp}' && sync"])
                 shutil.rmtree(dst_cp, ignore_errors=True)
                 dst = args.work / "q-out"
                 cmd = [sys.executable, "-m", "qstream", "convert", str(src), str(dst), "--mlp", scheme, "-q",
                        "--scale-search", mode]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
-                t_base = None
+                t_base = cpu_base = None
                 if args.compare:
                     warm(src)
                     shutil.rmtree(dst, ignore_errors=True)
-                    t_base, _ = run_timed(["env", f"PYTHONPATH={args.compare}"] + cmd)
+                    t_base, _, cpu_base = run_timed(["env", f"PYTHONPATH={args.compare}"] + cmd)
                 warm(src)
                 shutil.rmtree(dst, ignore_errors=True)
-                t_q, rss = run_timed(["env", f"PYTHONPATH={HERE.parent}"] + cmd)
+                t_q, rss, cpu_q = run_timed(["env", f"PYTHONPATH={HERE.parent}"] + cmd)
                 out_size = sum(f.stat().st_size for f in dst.iterdir() if f.is_file())
                 shutil.rmtree(dst, ignore_errors=True)
-                row = (label, f"{scheme} {mode}", size, out_size, t_cp, t_cps, t_q, rss, t_base)
+                row = (label, f"{scheme} {mode}", size, out_size, t_cp, t_cps, t_q, rss, t_base, cpu_q, cpu_base)
                 rows.append(row)
                 print(f"{label:>18} {scheme} {mode}: cp {t_cp:6.2f} s  cp+sync {t_cps:6.2f} s  qstream {t_q:6.2f} s  "
                       f"ratio {t_q / t_cp:5.2f} / {t_q / t_cps:5.2f}  {size / t_q / 1e6:7.0f} MB/s  "
@@ -132,14 +134,15 @@ def main() -> None:
         f"Machine: {machine()}",
         "",
         "| source | scheme, --scale-search | size in | size out | cp -r (s) | cp -r + sync (s) | qstream (s) | "
-        "qstream / cp | qstream / (cp + sync) | qstream MB/s | peak RSS (MiB) |"
-        + (" before (s) | before / (cp + sync) |" if args.compare else ""),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.compare else ""),
+        "qstream / cp | qstream / (cp + sync) | qstream MB/s | peak RSS (MiB) | qstream CPU (s) |"
+        + (" before (s) | before / (cp + sync) | before CPU (s) |" if args.compare else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if args.compare else ""),
     ]
-    for label, scheme, size, out_size, t_cp, t_cps, t_q, rss, t_base in rows:
+    for label, scheme, size, out_size, t_cp, t_cps, t_q, rss, t_base, cpu_q, cpu_base in rows:
         lines.append(f"| {label} | {scheme} | {size / 1e9:.2f} GB | {out_size / 1e9:.2f} GB | {t_cp:.2f} | {t_cps:.2f} | "
-                     f"{t_q:.2f} | {t_q / t_cp:.2f} | {t_q / t_cps:.2f} | {size / t_q / 1e6:.0f} | {rss / 2**20:.0f} |"
-                     + (f" {t_base:.2f} | {t_base / t_cps:.2f} |" if t_base is not None else ""))
+                     f"{t_q:.2f} | {t_q / t_cp:.2f} | {t_q / t_cps:.2f} | {size / t_q / 1e6:.0f} | {rss / 2**20:.0f} | "
+                     f"{cpu_q:.1f} |"
+                     + (f" {t_base:.2f} | {t_base / t_cps:.2f} | {cpu_base:.1f} |" if t_base is not None else ""))
     report(lines, args.out)
 
 
