@@ -55,7 +55,7 @@ def test_wheel_still_packages_the_formats(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                         str(tmp_path / "dist"), str(tree)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
-    (wheel,) = (tmp_path / "dist").glob("qstream-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("qstream_convert-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     want = {f"qstream/formats/{t.name}" for t in (REPO / "formats").glob("*.toml")}
     want |= {p.relative_to(REPO).as_posix() for p in (REPO / "qstream").rglob("*.py")}
