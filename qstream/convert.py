@@ -33,7 +33,7 @@ from .journal import open_journal
 from .plan import Op, OutShard, Plan
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
 from . import verify_decode as decode  # the FP4 decoders (compressed-tensors' decode, bit for bit)
-from .schemes import ATTN_SCHEMES, SCHEMES, fp8, measure
+from .schemes import ATTN_SCHEMES, SCHEMES, fp8
 from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, write_atomic, write_json
 
 BLOCK_BYTES = 16 << 20  # source bytes per work item
@@ -156,6 +156,7 @@ class Executor:
 
     def _measure_fp4(self, op: Op, r0: int, x: np.ndarray, packed: np.ndarray, scale: np.ndarray, gs) -> None:
         """Record one FP4 block's error, decoded as compressed-tensors decodes it (one fused pass)."""
+        from .schemes import measure  # numba-compiled, like the kernels: imported once _kernels() has chosen
         self._err[(id(op), r0)] = measure.fp4_error(x, packed, scale, gs, decode._E8M0_BF16)
 
     def _shard_measured(self, ops: list[Op]) -> dict[str, list]:

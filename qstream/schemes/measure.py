@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
-from numba import njit
+try:
+    from numba import njit
+except ModuleNotFoundError:  # numba not installed: convert runs the numpy reference (convert._kernels), this too
+    def njit(*args, **kwargs):
+        return lambda f: f
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
