@@ -63,7 +63,8 @@ from .verify_decode import decode_modelopt_nvfp4, decode_mxfp4, decode_nvfp4  # 
 from .verify_measure import SourceMeasure
 from .verify_modelopt import ModeloptChecks
 from .verify_report import Report, TensorMetrics, aggregate, print_report  # noqa: F401 - verify's public API
-from .verify_rules import DECODE_BLOCK, FLOAT_SCALE_DTYPES, QUANT_SUFFIXES, SCAN_BLOCK, Module, Resolver
+from .verify_rules import (DECODE_BLOCK, FLOAT_SCALE_DTYPES, QUANT_SUFFIXES, SCAN_BLOCK, Module, Resolver,
+                           read_json_member)
 
 # verify --source fails a tensor past this relative error unless --max-rel-error says otherwise:
 # FP4 measures about 0.08-0.12 (0.2 on outlier-heavy rows), a wrong source about 1.4.
@@ -115,10 +116,7 @@ class Verifier(ModeloptChecks, SourceMeasure):
         weight_map: dict | None = None
         if index_path.exists():
             try:
-                index = json.loads(index_path.read_text(encoding="utf-8"))
-                weight_map = index.get("weight_map") if isinstance(index, dict) else None
-                if not isinstance(weight_map, dict):
-                    raise ValueError("no weight_map object")
+                index, weight_map = read_json_member(index_path, "weight_map")
             except (OSError, ValueError, UnicodeDecodeError) as e:
                 self.error(INDEX_NAME, f"cannot be read ({e})")
                 index, weight_map = {}, None

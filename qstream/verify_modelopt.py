@@ -6,10 +6,9 @@ Methods of :class:`qstream.verify.Verifier` (a mixin)."""
 from __future__ import annotations
 
 import fnmatch
-import json
 
 from .modelopt import GROUP_SIZE as MO_GROUP_SIZE, HF_QUANT_CONFIG, READ_ALGOS as MO_ALGOS
-from .verify_rules import CT_ONLY_SUFFIXES, Group, Module
+from .verify_rules import CT_ONLY_SUFFIXES, Group, Module, read_json_member
 
 
 class ModeloptChecks:
@@ -26,10 +25,7 @@ class ModeloptChecks:
                                         "exclude_modules from it")
         else:
             try:
-                obj = json.loads(path.read_text(encoding="utf-8"))
-                hf = obj.get("quantization") if isinstance(obj, dict) else None
-                if not isinstance(hf, dict):
-                    raise ValueError("no 'quantization' object")
+                _, hf = read_json_member(path, "quantization")
             except (OSError, ValueError, UnicodeDecodeError) as e:
                 self.error(HF_QUANT_CONFIG, f"cannot be read ({e})")
                 hf = None

@@ -4,6 +4,8 @@ hold, the compressed-tensors formats it knows, and how a module is resolved to a
 
 from __future__ import annotations
 
+import json
+
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -132,3 +134,12 @@ class Resolver:
         self.used.update(by_name, by_class)
         matched = by_name + by_class
         return self.target_to_group[matched[0]] if matched else None
+
+
+def read_json_member(path, key: str) -> tuple[dict, dict]:
+    """The JSON object in ``path`` and its ``key`` object (OSError / ValueError when either is missing)."""
+    obj = json.loads(path.read_text(encoding="utf-8"))
+    part = obj.get(key) if isinstance(obj, dict) else None
+    if not isinstance(part, dict):
+        raise ValueError(f"no {key!r} object")
+    return obj, part

@@ -626,13 +626,8 @@ def _nv_block_err8(xa, xn, c6, tg, dg, dd, pn, hi, e, nj):
 
 
 @njit(inline="always", nogil=True, cache=True, error_model="numpy")
-def _nv_block_err1(xa, xn, c, tg, dg, dd, pn, e):
-    """The reference's error of the block under one normal code c, from the tables."""
-    cb = c * 80 + 16
-    for i in range(8):
-        dd[i] = dg[cb + 8 * i] * pn
-    _v8_chain(xa, xn, 0, tg, cb, dd, e, 0)
-    _v8_chain(xa, xn, 8, tg, cb, dd, e, 8)
+def _tree_sum16(e):
+    """Sum of e[0:16] by pairwise halving (8, 4, 2, 1): the reference's summation order."""
     h = 8
     while h >= 1:
         for j in range(h):
@@ -642,18 +637,24 @@ def _nv_block_err1(xa, xn, c, tg, dg, dd, pn, e):
 
 
 @njit(inline="always", nogil=True, cache=True, error_model="numpy")
+def _nv_block_err1(xa, xn, c, tg, dg, dd, pn, e):
+    """The reference's error of the block under one normal code c, from the tables."""
+    cb = c * 80 + 16
+    for i in range(8):
+        dd[i] = dg[cb + 8 * i] * pn
+    _v8_chain(xa, xn, 0, tg, cb, dd, e, 0)
+    _v8_chain(xa, xn, 8, tg, cb, dd, e, 8)
+    return _tree_sum16(e)
+
+
+@njit(inline="always", nogil=True, cache=True, error_model="numpy")
 def _nv_err1(xa, pn, sc, e):
     """The reference's error of one block (magnitudes xa) with divisor sc."""
     for j in range(16):
         a = xa[j]
         d = a * pn - _round_bf16(_fp4_mag(a / sc) * sc) * pn
         e[j] = d * d
-    h = 8
-    while h >= 1:
-        for j in range(h):
-            e[j] = e[j] + e[j + h]
-        h //= 2
-    return e[0]
+    return _tree_sum16(e)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
