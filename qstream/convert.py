@@ -589,11 +589,11 @@ def kernels_cold(k) -> bool:
     path = getattr(k, "__file__", None)
     if not path:
         return False  # the numpy reference: nothing to compile
-    name = Path(path).stem
+    name = Path(path).stem  # "kernels": its numba code is in kernels_nvfp4 / kernels_mxfp4 / kernels_common
     dirs = [Path(path).parent / "__pycache__"]
     if os.environ.get("NUMBA_CACHE_DIR"):
         dirs = [Path(os.environ["NUMBA_CACHE_DIR"])]
-    return not any(next(d.rglob(f"{name}.*.nbi"), None) for d in dirs if d.is_dir())
+    return not any(next(d.rglob(f"{name}_*.nbi"), None) for d in dirs if d.is_dir())
 
 
 def convert(plan: Plan, dst: Path, progress: Progress | None = None, **kw) -> Result:

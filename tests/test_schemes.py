@@ -35,6 +35,9 @@ except ImportError:  # tests/ imported as a package
         ct_nvfp4,
     )
 from qstream.schemes import kernels as K
+from qstream.schemes import kernels_common as KC
+from qstream.schemes import kernels_mxfp4 as KM
+from qstream.schemes import kernels_nvfp4 as KN
 from qstream.schemes import reference as R
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -622,9 +625,9 @@ def test_kernels_into_row_blocks_and_threads(dt):
 
 
 def test_kernels_release_the_gil():
-    for fn in (K._nvfp4_serial, K._nvfp4_parallel, K._mxfp4_serial, K._mxfp4_parallel,
-               K._nvfp4_search_serial, K._nvfp4_search_parallel, K._mxfp4_search_serial,
-               K._mxfp4_search_parallel, K._absmax_bits):
+    for fn in (KN._nvfp4_serial, KN._nvfp4_parallel, KM._mxfp4_serial, KM._mxfp4_parallel,
+               KN._nvfp4_search_serial, KN._nvfp4_search_parallel, KM._mxfp4_search_serial,
+               KM._mxfp4_search_parallel, KC._absmax_bits):
         assert fn.targetoptions.get("nogil") is True, fn
     # this thread keeps running Python while another thread is inside a kernel
     bits = np.ones((8192, 4096), dtype=BF16).view(np.uint16)
@@ -634,7 +637,7 @@ def test_kernels_release_the_gil():
 
     def run():
         t0 = time.perf_counter()
-        K._mxfp4_serial(bits, packed, scale)
+        KM._mxfp4_serial(bits, packed, scale)
         span.extend([t0, time.perf_counter()])
 
     ticks = []
@@ -686,15 +689,15 @@ def test_e4m3_encoder_exhaustive():
 def test_search_fp4_magnitude_exhaustive():
     """The search's arithmetic FP4 rounding (rint on the grid spacing) == the magnitude of
     the RTN encoder's code, for all 2**31 non-negative float32 bit patterns (NaN too)."""
-    assert K._fp4_mag_mismatches(0, 2**31) == 0
+    assert KC._fp4_mag_mismatches(0, 2**31) == 0
 
 
 def test_kernel_dtype_emulation_exhaustive():
     """In-kernel bf16/fp16 decoding and float32 -> bf16/fp16 rounding == numpy."""
     every16 = np.arange(2**16, dtype=np.uint16)
-    for kind, dt in ((K.K_BF16, BF16), (K.K_F16, F16)):
+    for kind, dt in ((KC.K_BF16, BF16), (KC.K_F16, F16)):
         out = np.empty(2**16, np.float32)
-        K._decode_array(every16, kind, out)
+        KC._decode_array(every16, kind, out)
         assert_float_bits_equal(out, every16.view(dt).astype(np.float32))
     rng = np.random.default_rng(2)
     x = np.concatenate(
@@ -707,9 +710,9 @@ def test_kernel_dtype_emulation_exhaustive():
         ]
     ).view(np.float32)
     x = x[~np.isnan(x)]
-    for kind, dt in ((K.K_BF16, BF16), (K.K_F16, F16)):
+    for kind, dt in ((KC.K_BF16, BF16), (KC.K_F16, F16)):
         out = np.empty_like(x)
-        K._round_array(x, kind, out)
+        KC._round_array(x, kind, out)
         with np.errstate(over="ignore"):
             expected = x.astype(dt).astype(np.float32)
         assert_float_bits_equal(out, expected, str(dt))
