@@ -99,8 +99,8 @@ def measure_rss(mode: str, dst: Path, src: Path, tokens: int, ctx: int) -> dict:
 
 def convert_once(src: Path, dst: Path, mlp: str, search: str) -> Path:
     from qstream.convert import convert
-    from qstream.plan import Options, make_plan
-    from qstream.source import open_checkpoint
+    from qstream.plan.plan import Options, make_plan
+    from qstream.sources.source import open_checkpoint
 
     if not (dst / "config.json").exists():
         convert(make_plan(open_checkpoint(src), Options(mlp=mlp, scale_search=search)), dst, threads=2)

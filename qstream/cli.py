@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .card import human
+from .publish.card import human
 from .errors import QStreamError
-from .plan import Options, Plan, make_plan, parse_size
+from .plan.plan import Options, Plan, make_plan, parse_size
 from .schemes import ATTN_SCHEMES, SCHEMES
-from .source import open_checkpoint
+from .sources.source import open_checkpoint
 
 err = Console(stderr=True)
 
@@ -262,9 +262,10 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
             eval_text):
     """Convert SRC (a checkpoint folder, or a Hub repo id like org/name) into DST (a new folder)."""
     from .convert import Executor
-    from .hub import DOWNLOADS, DiskMeter, HubHooks, HubPusher, push_resumable, source_label
+    from .publish.hub import DiskMeter, HubHooks, HubPusher, push_resumable, source_label
+    from .sources.hub_source import DOWNLOADS
     from .progress import make_progress
-    from .card import base_model_of, is_hub_id, model_card
+    from .publish.card import base_model_of, is_hub_id, model_card
     from .writer import STAGING_DIR, check_dst, prepare_dst
 
     for flag, value in (("--private", private), ("--push-revision", push_revision), ("--commit-message", commit_message)):
@@ -355,7 +356,7 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
 def verify(dst, source, as_json, top, max_rel_error, threads):
     """Check a converted folder DST without loading a model: index, shards and config agree, every quantized
     module has its tensors with the right dtypes and shapes, no NaN/Inf. Exits 1 when a check fails."""
-    from .verify import print_report, verify as run_verify
+    from .verify.verify import print_report, verify as run_verify
 
     if max_rel_error is not None and source is None:
         raise click.UsageError("--max-rel-error needs --source.")

@@ -30,9 +30,9 @@ import numpy as np
 from . import __version__
 from .errors import QStreamError
 from .journal import open_journal
-from .plan import Op, OutShard, Plan
+from .plan.plan import Op, OutShard, Plan
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
-from . import verify_decode as decode  # the FP4 decoders (compressed-tensors' decode, bit for bit)
+from .schemes import decode  # the FP4 decoders (compressed-tensors' decode, bit for bit)
 from .schemes import ATTN_SCHEMES, SCHEMES, fp8
 from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, write_atomic, write_json
 
@@ -322,7 +322,7 @@ class Executor:
             yield lambda: w.pwrite(out.offset, np.ascontiguousarray(row[v.start: v.start + v.step * v.count: v.step]))
             return
         if op.kind == "repack" and op.layout == "modelopt":  # ModelOpt weight_scale_2 -> CT weight_global_scale
-            from .modelopt import repack_items
+            from .sources.modelopt import repack_items
             yield from repack_items(self, op, w)
             return
         if op.kind == "repack":  # gpt-oss MXFP4 -> compressed-tensors MXFP4: the same bits
@@ -365,7 +365,7 @@ class Executor:
         packed_t, scale_t = op.outputs[0], op.outputs[1]
         groups = cols // scheme.group_size
         gs = self.global_scale(op) if scheme.has_global_scale else None
-        if gs is not None:  # ModelOpt stores the reciprocal, weight_scale_2 = float32(1 / gs) (qstream/modelopt.py)
+        if gs is not None:  # ModelOpt stores the reciprocal, weight_scale_2 = float32(1 / gs) (qstream/layouts/modelopt.py)
             g = np.float32(1) / gs if op.outputs[2].name.endswith(".weight_scale_2") else gs
             w.pwrite(op.outputs[2].offset, np.asarray([g], dtype=np.float32))
         k = self.k
@@ -557,14 +557,14 @@ class Executor:
         return out
 
     def write_small_files(self) -> None:
-        from .card import model_card
+        from .publish.card import model_card
 
         plan, dst = self.plan, self.dst
         for rel in plan.source.side_files:
             copy_side_file(plan.source.root, rel, dst)
         write_json(dst / "model.safetensors.index.json", plan.index())
         if plan.options.format == "modelopt":  # TensorRT-LLM (and vLLM without config.json's copy) read this
-            from .modelopt import HF_QUANT_CONFIG, hf_quant_config
+            from .layouts.modelopt import HF_QUANT_CONFIG, hf_quant_config
             write_json(dst / HF_QUANT_CONFIG, hf_quant_config(plan.quantization_config))
         write_atomic(dst / "README.md", model_card(plan, self.measured))
         # config.json last: a folder that holds it is a finished conversion

@@ -13,7 +13,7 @@ decoded as the checkpoint's loaders decode them:
 * compressed-tensors NVFP4 / MXFP4 (``weight_packed``, ``weight_scale``,
   ``weight_global_scale``) and ModelOpt NVFP4 (``weight`` U8, ``weight_scale``,
   ``weight_scale_2``): qstream's byte-exact copies of compressed-tensors' and
-  ModelOpt's decoders (:mod:`qstream.verify_decode`), bf16 values.
+  ModelOpt's decoders (:mod:`qstream.schemes.decode`), bf16 values.
 
 Every decoded tensor is then cast to the model's dtype (config.json's
 ``torch_dtype``, bfloat16 by default), the dtype a loader would give it.
@@ -41,11 +41,11 @@ import torch
 from torch import nn
 
 from .errors import QStreamError
-from .plan import find_fp8_weights
+from .sources.fp8 import find_fp8_weights
 from .safetensors_io import FLOAT_SOURCE_DTYPES, ShardReader, TensorInfo
 from .schemes import fp8
-from .source import Checkpoint, open_checkpoint
-from .verify_decode import decode_modelopt_nvfp4, decode_mxfp4, decode_nvfp4
+from .sources.source import Checkpoint, open_checkpoint
+from .schemes.decode import decode_modelopt_nvfp4, decode_mxfp4, decode_nvfp4
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -8,7 +8,7 @@ from typing import Callable
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from .card import human
+from .publish.card import human
 from .convert import Progress
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from . import atomic
 from .atomic import os_error as _os_error
 from .errors import QStreamError
-from .ops import OutShard
+from .plan.ops import OutShard
 from .safetensors_io import _fadvise_dontneed
 from .schemes import FP4_DTYPE
 
@@ -310,7 +310,7 @@ def check_dst(src_root: Path, dst: Path, *, overwrite: bool, resume: bool, need_
     if need_bytes:
         free = shutil.disk_usage(base).free
         if free < need_bytes:
-            from .card import human
+            from .publish.card import human
 
             raise QStreamError(f"{dst}: the output needs {human(need_bytes)} but only {human(free)} is free on "
                                f"that device ({base}); free space or choose another DST.")

@@ -306,8 +306,8 @@ def tmpfs(size_kb: int, ro: bool = False):
 
 
 def _out_bytes(src: Path, *opts) -> int:
-    from qstream.plan import Options, make_plan, parse_size
-    from qstream.source import open_checkpoint
+    from qstream.plan.plan import Options, make_plan, parse_size
+    from qstream.sources.source import open_checkpoint
 
     opts_ = Options(mlp=opts[0], max_shard_size=parse_size(opts[1]))
     return sum(s.file_bytes for s in make_plan(open_checkpoint(src), opts_).shards)

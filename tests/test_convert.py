@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import run_qstream
 from ct_reference import ct_mxfp4, ct_nvfp4
-from qstream.plan import Options, make_plan
-from qstream.source import open_checkpoint
+from qstream.plan.plan import Options, make_plan
+from qstream.sources.source import open_checkpoint
 
 
 def load_dir(d: Path) -> dict[str, torch.Tensor]:

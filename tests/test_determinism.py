@@ -70,8 +70,8 @@ def test_work_item_size_and_interleaving_do_not_matter(runs, src, tmp_path, thre
     """In-process Executor with tiny work items (one or two rows each), so that many
     pwrites of one tensor run concurrently and finish in any order: same bytes as the CLI."""
     from qstream.convert import Executor
-    from qstream.plan import Options, make_plan, parse_size
-    from qstream.source import open_checkpoint
+    from qstream.plan.plan import Options, make_plan, parse_size
+    from qstream.sources.source import open_checkpoint
     from qstream.writer import prepare_dst
 
     scheme, out = runs

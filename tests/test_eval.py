@@ -18,8 +18,8 @@ pytest.importorskip("transformers")
 from conftest import REPO, run_qstream  # noqa: E402
 from qstream.convert import convert  # noqa: E402
 from qstream.evaluate import evaluate, windows  # noqa: E402
-from qstream.plan import Options, make_plan  # noqa: E402
-from qstream.source import open_checkpoint  # noqa: E402
+from qstream.plan.plan import Options, make_plan  # noqa: E402
+from qstream.sources.source import open_checkpoint  # noqa: E402
 
 TEXT = REPO / "tests" / "data" / "pride_and_prejudice.txt"
 

@@ -95,8 +95,8 @@ def test_attn_fp8_block_matches_compressed_tensors(tmp_path, dtype):
 def test_attn_fp8_block_row_blocks_do_not_change_bytes(tmp_path):
     """Work items of a few rows are widened to whole 128-row blocks: the output is the same."""
     from qstream.convert import Executor
-    from qstream.plan import Options, make_plan
-    from qstream.source import open_checkpoint
+    from qstream.plan.plan import Options, make_plan
+    from qstream.sources.source import open_checkpoint
     from qstream.writer import prepare_dst
 
     cfg = llama_config(hidden=320, inter=256, layers=1, heads=5, kv_heads=1)

@@ -33,8 +33,8 @@ from synth import (deepseek_v3_config, deepseek_v3_tensors, gpt_oss_config, gpt_
                    write_checkpoint, write_mistral3_fp8, write_qwen3_block_fp8)
 from qstream.convert import Executor
 from qstream.errors import QStreamError
-from qstream.plan import Options, make_plan
-from qstream.source import open_checkpoint
+from qstream.plan.plan import Options, make_plan
+from qstream.sources.source import open_checkpoint
 from qstream.writer import STAGING_DIR, prepare_dst
 
 GOLDEN = Path(__file__).with_name("golden_hashes.json")

@@ -26,7 +26,7 @@ from conftest import run_qstream
 from hub_server import TOKEN, HubServer
 from synth import llama_config, llama_tensors, write_checkpoint
 
-# The client behaviour these tests (and qstream.hub) rely on; pinned in pyproject's test extras.
+# The client behaviour these tests (and qstream.publish.hub, qstream.sources.hub_source) rely on; pinned in pyproject's test extras.
 PINNED = {"huggingface_hub": "2.4.0", "hf_xet": "1.8.0"}
 SRC_REPO = "org/tiny"
 OPTS = ("--mlp", "nvfp4", "--max-shard-size", "1MB")  # NVFP4: fused gate/up partners straddle source shards
@@ -397,7 +397,7 @@ def test_prefetch_threads_end_with_close(hub, tmp_path):
     real client downloads shard 1 on demand and shard 2 in the background, then close()."""
     code = (
         "import sys, threading\n"
-        "from qstream.hub_source import SourceFetcher, open_hub_checkpoint\n"
+        "from qstream.sources.hub_source import SourceFetcher, open_hub_checkpoint\n"
         f"ck = open_hub_checkpoint({SRC_REPO!r}, download_dir=__import__('pathlib').Path({str(tmp_path / 'dl')!r}))\n"
         "order = [s.path for s in ck.shards]\n"
         "f = SourceFetcher(ck, order, delete=True)\n"

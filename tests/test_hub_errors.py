@@ -22,7 +22,7 @@ def test_error_message_needs_no_undeclared_module(monkeypatch):
     """With httpx2 (huggingface_hub's HTTP client, not a qstream dependency) unimportable,
     an unexpected error still becomes one sentence naming the repo and the original error."""
     import huggingface_hub.errors  # noqa: F401 - a huggingface_hub whose client is some other module
-    from qstream.hub_source import _hub_error
+    from qstream.sources.hub_source import _hub_error
 
     monkeypatch.setitem(sys.modules, "httpx2", None)  # `import httpx2` now raises ImportError
     e = _hub_error("reading the repo", RuntimeError("connection reset by peer"), "org/model")
@@ -33,7 +33,7 @@ def test_error_message_needs_no_undeclared_module(monkeypatch):
 def test_network_errors_are_still_recognised():
     """huggingface_hub's own transport errors (and plain socket errors) read as "cannot reach"."""
     httpx2 = pytest.importorskip("httpx2")
-    from qstream.hub_source import _hub_error
+    from qstream.sources.hub_source import _hub_error
 
     for exc in (httpx2.ConnectError("refused"), httpx2.ConnectTimeout("slow"), ConnectionRefusedError(111, "refused"),
                 TimeoutError("timed out")):

@@ -51,7 +51,7 @@ def test_journal_save_fsyncs_file_and_folder(tmp_path, fsyncs):
 
 def test_push_state_is_written_durably(tmp_path, fsyncs):
     """push.json (what an interrupted push resumes from) is fsynced and its folder too."""
-    from qstream.hub import HubPusher, read_push_state
+    from qstream.publish.hub import HubPusher, read_push_state
     from qstream.writer import STAGING_DIR
 
     staging = tmp_path / STAGING_DIR
@@ -79,7 +79,7 @@ def test_one_atomic_write_helper():
 
 
 def _shard(tmp_path: Path):
-    from qstream.plan import OutShard
+    from qstream.plan.plan import OutShard
     from qstream.writer import STAGING_DIR
 
     (tmp_path / STAGING_DIR).mkdir(parents=True, exist_ok=True)
@@ -214,8 +214,8 @@ def test_fp8_source_scale_cache_is_locked_and_emptied(tmp_path):
     conversion keeps no source scale in memory."""
     from synth import write_qwen3_block_fp8
     from qstream.convert import Executor
-    from qstream.plan import Options, make_plan
-    from qstream.source import open_checkpoint
+    from qstream.plan.plan import Options, make_plan
+    from qstream.sources.source import open_checkpoint
     from qstream.writer import prepare_dst
 
     src = write_qwen3_block_fp8(tmp_path / "src")

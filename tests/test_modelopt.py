@@ -1,11 +1,11 @@
 """ModelOpt NVFP4: ``--format modelopt`` output (TensorRT-LLM, vLLM modelopt_fp4) and ModelOpt
 NVFP4 checkpoints as sources, on a tiny dense Llama and a tiny Mixtral.
 
-What is bit-identical between the two outputs of one conversion (qstream/modelopt.py): the
+What is bit-identical between the two outputs of one conversion (qstream/layouts/modelopt.py): the
 packed FP4 bytes and the E4M3 block scales; ModelOpt's ``weight_scale_2`` is float32(1 /
 weight_global_scale), the very value vLLM computes from the compressed-tensors checkpoint
 before it calls the same kernel. Decoded with each library's own formula, the bfloat16
-weights are equal (proved for BF16/FP16 sources in qstream/modelopt.py), and the float32
+weights are equal (proved for BF16/FP16 sources in qstream/layouts/modelopt.py), and the float32
 values agree to 2**-21 (relative).
 """
 
@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 
 from conftest import run_qstream
 from ct_reference import ct_decompress_nvfp4
-from qstream import modelopt
+from qstream.layouts import modelopt
 from qstream.errors import QStreamError
-from qstream.plan import Options, make_plan
-from qstream.source import open_checkpoint
+from qstream.plan.plan import Options, make_plan
+from qstream.sources.source import open_checkpoint
 from synth import mixtral_config, mixtral_tensors, write_checkpoint, write_mistral3_fp8
 from test_convert import load_dir, raw
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from qstream.convert import Executor
-from qstream.plan import Options, make_plan
-from qstream.source import open_checkpoint
+from qstream.plan.plan import Options, make_plan
+from qstream.sources.source import open_checkpoint
 
 
 def convert_counting(src: Path, dst: Path, hold_bytes: int, block_bytes: int) -> dict[str, int]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from synth import llama_config, llama_tensors, write_checkpoint
 from qstream.convert import Executor, Progress
-from qstream.plan import Options, make_plan
-from qstream.source import open_checkpoint
+from qstream.plan.plan import Options, make_plan
+from qstream.sources.source import open_checkpoint
 from qstream.writer import STAGING_DIR, prepare_dst
 
 

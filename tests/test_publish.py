@@ -98,7 +98,7 @@ def test_card_base_model_option_and_hub_id_name_or_path(local_src, tmp_path):
 
 
 def test_card_measured_error_is_verify_per_role_error(local_src, tmp_path):
-    from qstream.verify import verify
+    from qstream.verify.verify import verify
 
     dst = tmp_path / "out"
     run_qstream("convert", local_src, dst, "--mlp", "nvfp4", "--attn", "fp8", "-q", check=True)

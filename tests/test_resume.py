@@ -530,8 +530,8 @@ def test_sigkill_at_random_times(src, ref, scratch):
 # --------------------------------------------------------------------------- journal and refusals
 
 def test_journal_of_an_uninterrupted_run(src, ref):
-    from qstream.plan import Options, make_plan, parse_size
-    from qstream.source import open_checkpoint
+    from qstream.plan.plan import Options, make_plan, parse_size
+    from qstream.sources.source import open_checkpoint
 
     assert_staging_clean(ref)
     plan = make_plan(open_checkpoint(src), Options(mlp="mxfp4", max_shard_size=parse_size(MAX_SHARD)))
@@ -544,8 +544,8 @@ def test_journal_of_an_interrupted_run(src, ref, scratch):
     (and no half-written .partial: a SIGKILLed one's is removed by the next run)."""
     import hashlib
 
-    from qstream.plan import Options, make_plan, parse_size
-    from qstream.source import open_checkpoint
+    from qstream.plan.plan import Options, make_plan, parse_size
+    from qstream.sources.source import open_checkpoint
 
     assert_staging_clean(ref)
     plan = make_plan(open_checkpoint(src), Options(mlp="mxfp4", max_shard_size=parse_size(MAX_SHARD)))

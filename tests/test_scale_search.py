@@ -265,8 +265,8 @@ def test_cli_validates_and_fingerprints(tiny_ckpt, tmp_path):
     assert run_qstream("inspect", tiny_ckpt, "--mlp", "nvfp4", "--scale-search", "best").returncode == 2
     assert "--scale-search" in run_qstream("convert", "--help").stdout
 
-    from qstream.plan import Options, make_plan
-    from qstream.source import open_checkpoint
+    from qstream.plan.plan import Options, make_plan
+    from qstream.sources.source import open_checkpoint
 
     ck = open_checkpoint(str(tiny_ckpt))
     fps = {s: make_plan(ck, Options(mlp="nvfp4", scale_search=s)).fingerprint() for s in R.SEARCH_MODES["nvfp4"]}

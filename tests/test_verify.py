@@ -18,11 +18,12 @@ from synth import (mixtral_config, mixtral_tensors, qwen3_moe_config, qwen3_moe_
                    write_mistral3_fp8)
 from test_convert import load_dir
 from qstream.convert import convert
-from qstream.plan import Options, make_plan
+from qstream.plan.plan import Options, make_plan
 from qstream.safetensors_io import build_header, read_header
 from qstream.schemes import reference
-from qstream.source import INDEX_NAME, open_checkpoint
-from qstream.verify import decode_modelopt_nvfp4, decode_mxfp4, decode_nvfp4, verify
+from qstream.sources.source import INDEX_NAME, open_checkpoint
+from qstream.schemes.decode import decode_modelopt_nvfp4, decode_mxfp4, decode_nvfp4
+from qstream.verify.verify import verify
 
 FORMAT = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 MLP = [f"model.layers.{L}.mlp.{p}" for L in range(3) for p in ("gate_proj", "up_proj", "down_proj")]

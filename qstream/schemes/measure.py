@@ -1,6 +1,6 @@
 """The error of an FP4 block as written, for the model card: the block decoded the way
 compressed-tensors decodes it (FP4 value x block scale [/ global scale], rounded to
-bfloat16; :mod:`qstream.verify_decode`, bit for bit) against the source values, summed in
+bfloat16; :mod:`qstream.schemes.decode`, bit for bit) against the source values, summed in
 one fused pass (no decoded copy of the block is made)."""
 
 from __future__ import annotations

@@ -1,18 +1,18 @@
 """`qstream verify` of a ModelOpt output (``--format modelopt``): config.json and
 hf_quant_config.json agree, modules are resolved against ``exclude_modules`` as vLLM and
 TensorRT-LLM match it, and each quantized module holds ModelOpt's NVFP4 tensors.
-Methods of :class:`qstream.verify.Verifier` (a mixin)."""
+Methods of :class:`qstream.verify.verify.Verifier` (a mixin)."""
 
 from __future__ import annotations
 
 import fnmatch
 
-from .modelopt import GROUP_SIZE as MO_GROUP_SIZE, HF_QUANT_CONFIG, READ_ALGOS as MO_ALGOS
-from .verify_rules import CT_ONLY_SUFFIXES, Group, Module, read_json_member
+from ..layouts.modelopt import GROUP_SIZE as MO_GROUP_SIZE, HF_QUANT_CONFIG, READ_ALGOS as MO_ALGOS
+from .rules import CT_ONLY_SUFFIXES, Group, Module, read_json_member
 
 
 class ModeloptChecks:
-    """The ModelOpt rules of :class:`qstream.verify.Verifier`."""
+    """The ModelOpt rules of :class:`qstream.verify.verify.Verifier`."""
 
     def _modelopt_config(self, qc: dict | None) -> tuple[str, list[str]] | None:
         """(quant_algo, exclude_modules) of a ModelOpt checkpoint, after checking that config.json's
@@ -86,7 +86,7 @@ class ModeloptChecks:
         TensorRT-LLM: ``fnmatchcase``. vLLM: exact, substring and ``fnmatch`` over the entries,
         ``x*`` also read as ``x`` and ``x.*`` (its ``apply_vllm_mapper``). A quantized module must
         be excluded by neither; an unquantized Linear must be excluded by both."""
-        from .modelopt import _runtime_names
+        from ..layouts.modelopt import _runtime_names
 
         cfg = self._modelopt_config(qc)
         if not self.config_ok or cfg is None:

@@ -177,7 +177,7 @@ def print_report(report: Report, console, err, top: int | None = None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from .card import human
+    from ..publish.card import human
 
     mods = ", ".join(f"{k} {n}" for k, n in sorted(report.modules.items())) or "none"
     console.print(f"[bold]{escape(str(report.dst))}[/]: {report.shards} shard(s), {report.tensors} tensors, "

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .atomic import write_atomic
+from ..atomic import write_atomic
 from .checkpoint import GENERATED, INDEX_NAME, WEIGHT_SUFFIXES, Checkpoint, _load_json, collect_tensors, open_local
-from .errors import QStreamError
-from .safetensors_io import ShardHeader, header_length, parse_header, read_header
+from ..errors import QStreamError
+from ..safetensors_io import ShardHeader, header_length, parse_header, read_header
 
 DOWNLOADS = "downloads"  # DST/.cache/huggingface/qstream/downloads: source shards fetched with --low-disk
 HEADER_PROBE = 256 << 10  # first range request per shard; most headers fit

@@ -38,10 +38,10 @@ relative MSE, SNR in dB and max abs error per tensor, aggregated per role and pe
 scheme. Memory stays bounded by ``threads x block`` whatever the model size.
 
 Where each job lives: this module loads the folder, resolves and checks modules and
-scans values (:class:`Verifier`, :func:`verify`); :mod:`qstream.verify_rules` the
-module/group model and compressed-tensors resolution; :mod:`qstream.verify_modelopt` the
-ModelOpt rules; :mod:`qstream.verify_measure` the source comparison;
-:mod:`qstream.verify_decode` the FP4 decoders; :mod:`qstream.verify_report` the results
+scans values (:class:`Verifier`, :func:`verify`); :mod:`qstream.verify.rules` the
+module/group model and compressed-tensors resolution; :mod:`qstream.verify.modelopt` the
+ModelOpt rules; :mod:`qstream.verify.measure` the source comparison;
+:mod:`qstream.schemes.decode` the FP4 decoders; :mod:`qstream.verify.report` the results
 and their printing.
 """
 
@@ -55,16 +55,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import QStreamError
-from .modelopt import HF_QUANT_CONFIG
-from .safetensors_io import DTYPES, ShardReader, TensorInfo, read_header
-from .source import INDEX_NAME
-from .verify_decode import decode_modelopt_nvfp4, decode_mxfp4, decode_nvfp4  # noqa: F401 - the public decoders
-from .verify_measure import SourceMeasure
-from .verify_modelopt import ModeloptChecks
-from .verify_report import Report, TensorMetrics, aggregate, print_report  # noqa: F401 - verify's public API
-from .verify_rules import (DECODE_BLOCK, FLOAT_SCALE_DTYPES, QUANT_SUFFIXES, SCAN_BLOCK, Module, Resolver,
-                           read_json_member)
+from ..errors import QStreamError
+from ..layouts.modelopt import HF_QUANT_CONFIG
+from ..safetensors_io import DTYPES, ShardReader, TensorInfo, read_header
+from ..sources.source import INDEX_NAME
+from .measure import SourceMeasure
+from .modelopt import ModeloptChecks
+from .report import Report, TensorMetrics, aggregate, print_report  # noqa: F401 - verify's public API
+from .rules import (DECODE_BLOCK, FLOAT_SCALE_DTYPES, QUANT_SUFFIXES, SCAN_BLOCK, Module, Resolver,
+                    read_json_member)
 
 # verify --source fails a tensor past this relative error unless --max-rel-error says otherwise:
 # FP4 measures about 0.08-0.12 (0.2 on outlier-heavy rows), a wrong source about 1.4.
@@ -173,7 +172,7 @@ class Verifier(ModeloptChecks, SourceMeasure):
 
     # ---------------------------------------------------------------- modules, config
     def resolve(self) -> None:
-        from .roles import Classifier, load_families, select_family
+        from ..roles import Classifier, load_families, select_family
 
         families = load_families()
         classifier = Classifier(select_family(self.config, families), families["generic"])

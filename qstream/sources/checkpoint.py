@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import QStreamError
-from .safetensors_io import ShardHeader, TensorInfo, read_header
+from ..errors import QStreamError
+from ..safetensors_io import ShardHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 # Files that hold weights in some other format: never copied as side files.

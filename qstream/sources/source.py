@@ -1,7 +1,7 @@
-"""Open a source checkpoint: a local folder (:mod:`qstream.checkpoint`) or a Hub repo
-(:mod:`qstream.hub_source`, shard headers by range requests, shards fetched when needed).
+"""Open a source checkpoint: a local folder (:mod:`qstream.sources.checkpoint`) or a Hub repo
+(:mod:`qstream.sources.hub_source`, shard headers by range requests, shards fetched when needed).
 
-The checkpoint model itself lives in :mod:`qstream.checkpoint`, which imports neither this
+The checkpoint model itself lives in :mod:`qstream.sources.checkpoint`, which imports neither this
 module nor the Hub code, so the Hub source can build on it without an import cycle.
 """
 
@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import GENERATED, INDEX_NAME, WEIGHT_SUFFIXES, Checkpoint, collect_tensors, open_local
-from .errors import QStreamError
+from ..errors import QStreamError
 
 __all__ = ["GENERATED", "INDEX_NAME", "WEIGHT_SUFFIXES", "Checkpoint", "collect_tensors", "open_checkpoint", "open_local"]
 
 
 def open_checkpoint(root: str | Path, revision: str | None = None, download_dir: Path | None = None) -> Checkpoint:
     """Open a local checkpoint folder, or a Hub repo id (``org/name``) that is not a local
-    path: see :func:`qstream.hub_source.open_hub_checkpoint` (``revision``, ``download_dir``)."""
+    path: see :func:`qstream.sources.hub_source.open_hub_checkpoint` (``revision``, ``download_dir``)."""
     if not Path(root).exists():
         from .hub_source import is_repo_id, open_hub_checkpoint
 

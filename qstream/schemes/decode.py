@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .safetensors_io import DTYPES
+from ..safetensors_io import DTYPES
 
 
 def _lut_tables():
-    from .schemes import reference
+    from . import reference
 
     codes = np.arange(256, dtype=np.uint8)
     pair = np.stack([reference.fp4_decode(codes & 0xF), reference.fp4_decode(codes >> 4)], -1)

@@ -1,12 +1,12 @@
-"""Checks of a plan's source and of its warnings, kept out of plan.py: a source quantized
+"""Checks of a plan's source and of its warnings, kept out of plan/plan.py: a source quantized
 in a format qstream does not decode is refused, and per-tensor warnings are grouped."""
 
 from __future__ import annotations
 
 import re
 
-from .checkpoint import Checkpoint
-from .errors import QStreamError
+from ..sources.checkpoint import Checkpoint
+from ..errors import QStreamError
 
 # Quantized encodings qstream does not decode: copying them through would make a model that
 # loads random-looking weights. (FP8, gpt-oss MXFP4 and ModelOpt NVFP4 are read; see above.)
@@ -67,7 +67,7 @@ def group_warnings(warnings: list[str]) -> list[str]:
 
 
 def unknown_family_warning(config: dict) -> str:
-    from .roles import _model_identity
+    from ..roles import _model_identity
 
     archs, types = _model_identity(config)
     what = ", ".join(archs + types) or "none given in config.json"

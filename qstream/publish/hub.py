@@ -1,7 +1,6 @@
 """Hub in, Hub out: convert straight from a Hub repo and push while converting.
 
-Source: :mod:`qstream.hub_source` (:func:`open_hub_checkpoint`, :class:`SourceFetcher`;
-re-exported here).
+Source: :mod:`qstream.sources.hub_source` (:func:`open_hub_checkpoint`, :class:`SourceFetcher`).
 
 Destination: :class:`HubPusher` creates the repo, records the branch head, uploads
 each finished output shard from a background thread (``preupload_lfs_files``:
@@ -23,14 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .atomic import os_error, write_atomic
-from .checkpoint import GENERATED, Checkpoint
-from .convert import Hooks
-from .errors import QStreamError
-from .hub_source import (DOWNLOADS, HubCheckpoint, SourceFetcher, _hf, _hub_error, is_repo_id,  # noqa: F401
-                         open_hub_checkpoint)
-from .plan import Plan
-from .writer import STAGING_DIR
+from ..atomic import os_error, write_atomic
+from ..sources.checkpoint import GENERATED, Checkpoint
+from ..convert import Hooks
+from ..errors import QStreamError
+from ..sources.hub_source import HubCheckpoint, SourceFetcher, _hf, _hub_error, open_hub_checkpoint
+from ..plan.plan import Plan
+from ..writer import STAGING_DIR
 
 PUSH_STATE = "push.json"  # DST/.cache/huggingface/qstream/push.json: what an interrupted push was doing
 
@@ -99,7 +97,7 @@ class DiskMeter:
 
 def _journal_sha256(dst: Path, path: Path) -> str | None:
     """The SHA-256 the executor's journal recorded for a finished shard, if it matches."""
-    from .journal import Journal
+    from ..journal import Journal
 
     j = Journal.load(dst / STAGING_DIR)
     rec = j.shards.get(path.name) if j is not None else None
@@ -312,7 +310,7 @@ class HubPusher:
         ours = {s.filename for s in plan.shards}
         stale = sorted(f for f in self.existing if f.endswith(".safetensors") and "/" not in f and f not in ours)
         ops += [hf.CommitOperationDelete(path_in_repo=f) for f in stale]
-        from . import __version__
+        from .. import __version__
 
         schemes = ", ".join(plan.schemes(converted_only=True)).upper() or "unquantized"
         base = plan.source.repo_id if isinstance(plan.source, HubCheckpoint) else plan.source.root.name

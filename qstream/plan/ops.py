@@ -1,6 +1,6 @@
 """The operations a plan is made of: one :class:`Op` per source tensor, writing
 :class:`OutTensor` outputs into :class:`OutShard` files. A leaf module: the plan, the
-writer and the layouts that rename or add operations (:mod:`qstream.modelopt`) all
+writer and the layouts that rename or add operations (:mod:`qstream.layouts.modelopt`) all
 build on it.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .safetensors_io import TensorInfo, dtype_size
-from .schemes import ATTN_SCHEMES
+from ..safetensors_io import TensorInfo, dtype_size
+from ..schemes import ATTN_SCHEMES
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`qstream verify --source`: match every quantized module to its source weight (the plan
 qstream would make for that source: FP8 decoded with its scales, fused 3-D experts cut into
 per-expert views, a ModelOpt source decoded as ModelOpt does), decode both row block by row
-block and measure the error. Methods of :class:`qstream.verify.Verifier` (a mixin)."""
+block and measure the error. Methods of :class:`qstream.verify.verify.Verifier` (a mixin)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import QStreamError
-from .safetensors_io import ShardReader, TensorInfo
-from .verify_decode import decode_modelopt_nvfp4, decode_mxfp4, decode_nvfp4
-from .verify_report import TensorMetrics, _sort_key
-from .verify_rules import Module
+from ..errors import QStreamError
+from ..safetensors_io import ShardReader, TensorInfo
+from ..schemes.decode import decode_modelopt_nvfp4, decode_mxfp4, decode_nvfp4
+from .report import TensorMetrics, _sort_key
+from .rules import Module
 
 
 class SourceMeasure:
-    """The source comparison of :class:`qstream.verify.Verifier`."""
+    """The source comparison of :class:`qstream.verify.verify.Verifier`."""
 
     def measure(self, src_root: str, pool: ThreadPoolExecutor) -> None:
-        from .convert import Executor
-        from .plan import Op, Options, Plan, find_fp8_weights, make_plan
-        from .safetensors_io import FLOAT_SOURCE_DTYPES
-        from .source import open_checkpoint
+        from ..convert import Executor
+        from ..plan.plan import Op, Options, Plan, make_plan
+        from ..sources.fp8 import find_fp8_weights
+        from ..safetensors_io import FLOAT_SOURCE_DTYPES
+        from ..sources.source import open_checkpoint
 
         self.report.source = str(src_root)
         src = open_checkpoint(src_root)
@@ -113,7 +114,7 @@ class SourceMeasure:
         return tuple(m.parts["weight"].shape)  # type: ignore[return-value]
 
     def _measure_one(self, ex, m: Module, op) -> TensorMetrics:
-        from .schemes import fp8
+        from ..schemes import fp8
 
         g = m.group
         rows, cols = self._dst_shape(m)

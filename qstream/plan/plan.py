@@ -14,17 +14,20 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .checkpoint import Checkpoint
-from .errors import QStreamError
+from .. import __version__
+from ..sources.checkpoint import Checkpoint
+from ..errors import QStreamError
 from .ops import Op, OutShard, OutTensor, View
-from .layout_ct import quantization_config
-from .plan_checks import (check_something_quantized, check_source_quantization, group_warnings, oversized_tensors,
-                          unknown_family_warning, unmatched_ignores)
-from .roles import ROLES, Classifier, Recipe, load_families, select_family
-from .safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header
-from .schemes import ATTN_SCHEMES, SCHEMES, Scheme
-from .schemes.reference import SEARCH_MODES
+from ..layouts import modelopt
+from ..layouts.compressed_tensors import quantization_config
+from .checks import (check_something_quantized, check_source_quantization, group_warnings, oversized_tensors,
+                     unknown_family_warning, unmatched_ignores)
+from ..roles import ROLES, Classifier, Recipe, load_families, select_family
+from ..safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header
+from ..schemes import ATTN_SCHEMES, SCHEMES, Scheme
+from ..schemes.reference import SEARCH_MODES
+from ..sources import modelopt as modelopt_source
+from ..sources.fp8 import Fp8Weight, find_fp8_weights
 
 SHARD_METADATA = {"format": "pt"}
 
@@ -37,7 +40,7 @@ class Options:
     recipe: str | None = None
     max_shard_size: int = 5 * 10**9
     scale_search: str = "mse"  # none: compressed-tensors' rounding, byte for byte (README: "Scale search")
-    format: str = "compressed-tensors"  # or "modelopt" (qstream/modelopt.py)
+    format: str = "compressed-tensors"  # or "modelopt" (qstream/layouts/modelopt.py)
 
     def key(self) -> dict:
         return ({"format": self.format} if self.format != "compressed-tensors" else {}) | {
@@ -143,66 +146,6 @@ def _scheme_for(role: str, opts: Options, recipe: Recipe | None) -> Scheme | Non
     return SCHEMES[name]
 
 
-@dataclass
-class Fp8Weight:
-    """An FP8 weight with the tensors that describe it in the source."""
-
-    weight: TensorInfo
-    scale: TensorInfo  # a multiplier: w = fp8 * scale (Mistral/DeepSeek name it weight_scale_inv)
-    input_scale: TensorInfo | None
-    layout: str  # "tensor" | "channel" | "block"
-    block: tuple[int, int] | None
-
-
-def _fp8_block_size(config: dict) -> tuple[int, int]:
-    qc = config.get("quantization_config") or {}
-    bs = qc.get("weight_block_size")
-    if isinstance(bs, list) and len(bs) == 2:
-        return int(bs[0]), int(bs[1])
-    for g in (qc.get("config_groups") or {}).values():
-        st = (g.get("weights") or {}).get("block_structure")
-        if isinstance(st, list) and len(st) == 2:
-            return int(st[0]), int(st[1])
-    return 128, 128
-
-
-def find_fp8_weights(tensors: dict[str, TensorInfo], config: dict) -> dict[str, Fp8Weight]:
-    """FP8 E4M3 weights and their scales, in the transformers/Mistral (`weight_scale_inv`,
-    `activation_scale`), DeepSeek block and compressed-tensors (`weight_scale`,
-    `input_scale`) layouts."""
-    out: dict[str, Fp8Weight] = {}
-    block = _fp8_block_size(config)
-    for name, info in tensors.items():
-        if not name.endswith(".weight") or info.dtype != "F8_E4M3":
-            continue
-        mod = name.removesuffix(".weight")
-        scale = tensors.get(mod + ".weight_scale_inv") or tensors.get(mod + ".weight_scale")
-        if scale is None:
-            raise QStreamError(
-                f"tensor {name!r} ({info.path.name}) is FP8 but has no {mod}.weight_scale_inv or "
-                f"{mod}.weight_scale beside it; the checkpoint is incomplete or in a layout qstream does not know."
-            )
-        if scale.dtype not in ("F32", "BF16", "F16"):
-            raise QStreamError(f"tensor {scale.name!r} ({scale.path.name}) has dtype {scale.dtype}; FP8 scales must be F32, BF16 or F16.")
-        inp = tensors.get(mod + ".activation_scale") or tensors.get(mod + ".input_scale")
-        out_f, in_f = info.shape if len(info.shape) == 2 else (0, 0)
-        if len(info.shape) != 2:
-            raise QStreamError(f"tensor {name!r} ({info.path.name}) is FP8 with shape {list(info.shape)}; qstream reads 2-D FP8 weights only.")
-        if scale.numel == 1:
-            layout, blk = "tensor", None
-        elif tuple(scale.shape) in ((out_f, 1), (out_f,)):
-            layout, blk = "channel", None
-        elif tuple(scale.shape) == (-(-out_f // block[0]), -(-in_f // block[1])):
-            layout, blk = "block", block
-        else:
-            raise QStreamError(
-                f"tensor {scale.name!r} ({scale.path.name}) has shape {list(scale.shape)}, which is neither "
-                f"per-tensor, per-channel [{out_f}, 1] nor {block[0]}x{block[1]} blocks of {name!r} {list(info.shape)}."
-            )
-        out[name] = Fp8Weight(info, scale, inp, layout, blk)
-    return out
-
-
 def make_plan(src: Checkpoint, opts: Options) -> Plan:
     families = load_families()
     family = select_family(src.config, families)
@@ -223,8 +166,8 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
 
     experts = plan_fused_experts(src, family, classifier, opts, recipe, ignore_res, warnings)
     consumed |= experts.consumed
-    from . import modelopt  # a ModelOpt NVFP4 source: its packed modules are repacked, not requantized
-    mo = modelopt.plan_source(src, opts, classifier, ignore_res, warnings)
+    # a ModelOpt NVFP4 source: its packed modules are repacked, not requantized
+    mo = modelopt_source.plan_source(src, opts, classifier, ignore_res, warnings)
     experts.ops.update(mo.ops)
     consumed |= mo.consumed
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import re
 
-from .errors import QStreamError
-from .ops import Op
-from .roles import Family
-from .schemes import ATTN_SCHEMES, SCHEMES, fp8_group_args
+from ..errors import QStreamError
+from ..plan.ops import Op
+from ..roles import Family
+from ..schemes import ATTN_SCHEMES, SCHEMES, fp8_group_args
 
 def _generalize(names: list[str], forbidden: list[str], family: Family) -> list[str]:
     """Compact module names into ``re:`` patterns that every runtime resolves alike.

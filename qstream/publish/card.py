@@ -1,7 +1,7 @@
 """The model card (README.md) written next to a converted checkpoint.
 
 Every claim in it is derived from the plan (what each tensor became, by the one rule
-:attr:`qstream.plan.Op.quantized`) and from what the conversion measured; the source
+:attr:`qstream.plan.ops.Op.quantized`) and from what the conversion measured; the source
 card's metadata and text are carried over. It names no local path.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import re
 
-from . import __version__
-from .plan import Plan
-from .schemes import ATTN_SCHEMES, FP4_DTYPE, SCHEMES
+from .. import __version__
+from ..plan.plan import Plan
+from ..schemes import ATTN_SCHEMES, FP4_DTYPE, SCHEMES
 
 DIST_NAME = "qstream-convert"  # the PyPI distribution (the command and the import are `qstream`)
 PROJECT_URL = f"https://pypi.org/project/{DIST_NAME}/"

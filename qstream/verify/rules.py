@@ -11,8 +11,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import QStreamError
-from .safetensors_io import TensorInfo
+from ..errors import QStreamError
+from ..safetensors_io import TensorInfo
 
 SCAN_BLOCK = 32 << 20  # bytes per read while scanning for NaN/Inf
 DECODE_BLOCK = 8 << 20  # float32 bytes per row block while measuring errors

@@ -1,0 +1,2 @@
+"""After (and while) the shards are written: the Hub push (:mod:`.hub`) and the model card
+(:mod:`.card`)."""
