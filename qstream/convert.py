@@ -33,11 +33,10 @@ from .journal import open_journal
 from .plan.plan import Op, OutShard, Plan
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
 from .schemes import decode  # the FP4 decoders (compressed-tensors' decode, bit for bit)
-from .schemes import ATTN_SCHEMES, SCHEMES, fp8
+from .schemes import ATTN_SCHEMES, fp8
 from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, write_atomic, write_json
 
 BLOCK_BYTES = 16 << 20  # source bytes per work item
-COPY_CHUNK = 64 << 20
 # NVFP4 needs a tensor's (or its fused partners') absmax before its first block can be
 # quantized: the blocks read for it are kept, up to this many bytes, and quantized from
 # memory, so that a tensor is read from the source once (blocks past the limit are read again)
@@ -307,84 +306,8 @@ class Executor:
 
     # ---------------------------------------------------------------- work items
     def _items(self, op: Op, w: ShardWriter):
-        """Callables that together write every output of ``op``."""
-        info = op.source
-        if op.kind == "copy":
-            out = op.outputs[0]
-            for off in range(0, info.nbytes, COPY_CHUNK):
-                n = min(COPY_CHUNK, info.nbytes - off)
-                yield lambda off=off, n=n: w.copy_from(self.reader.fd(info.path), info.begin + off, n, out.offset + off)
-            return
-        if op.kind == "slice":  # one expert's share of a fused bias
-            out = op.outputs[0]
-            v = op.view
-            row = self.reader.read_rows(info, v.expert, v.expert + 1)[0]
-            yield lambda: w.pwrite(out.offset, np.ascontiguousarray(row[v.start: v.start + v.step * v.count: v.step]))
-            return
-        if op.kind == "repack" and op.layout == "modelopt":  # ModelOpt weight_scale_2 -> CT weight_global_scale
-            from .sources.modelopt import repack_items
-            yield from repack_items(self, op, w)
-            return
-        if op.kind == "repack":  # gpt-oss MXFP4 -> compressed-tensors MXFP4: the same bits
-            packed_t, scale_t = op.outputs
-            cols = op.shape[1]
-            for r0, r1 in self._blocks(op):
-                def repack(r0=r0, r1=r1):
-                    packed, scales = self.read_mxfp4_rows(op, r0, r1)
-                    w.pwrite(packed_t.offset + r0 * (cols // 2), packed)
-                    w.pwrite(scale_t.offset + r0 * (cols // 32), scales)
-                yield repack
-            return
-        if op.kind == "cast":
-            out = op.outputs[0]
-            yield lambda: w.pwrite(out.offset, self.reader.read(info).astype(DTYPES[out.dtype]).reshape(out.shape))
-            return
-        if op.kind == "dequantize":
-            out = op.outputs[0]
-            row = info.shape[1] * DTYPES[out.dtype].itemsize
-            for r0, r1 in self._blocks(op):
-                yield lambda r0=r0, r1=r1: w.pwrite(out.offset + r0 * row, self.read_float(op, r0, r1).astype(DTYPES[out.dtype]))
-            return
-        if op.kind == "fp8":  # an FP8 attention encoding (schemes.ATTN_SCHEMES): rows in, one array per output
-            enc = ATTN_SCHEMES[op.scheme]
-
-            def encode(r0: int, r1: int) -> None:
-                x = self.read_float(op, r0, r1)
-                if not math.isfinite(float(self.k.absmax(x))):
-                    raise self._nonfinite(op)
-                arrays = enc.encode(x)
-                self._measure(op, r0, x, enc.decode(arrays))
-                for t, arr, per in zip(op.outputs, arrays, enc.rows_per_out_row):
-                    w.pwrite(t.offset + r0 // per * (t.nbytes // t.shape[0]), arr)
-
-            for r0, r1 in self._blocks(op):
-                yield lambda r0=r0, r1=r1: encode(r0, r1)
-            return
-        scheme = SCHEMES[op.scheme]
-        _, cols = op.shape
-        packed_t, scale_t = op.outputs[0], op.outputs[1]
-        groups = cols // scheme.group_size
-        gs = self.global_scale(op) if scheme.has_global_scale else None
-        if gs is not None:  # ModelOpt stores the reciprocal, weight_scale_2 = float32(1 / gs) (qstream/layouts/modelopt.py)
-            g = np.float32(1) / gs if op.outputs[2].name.endswith(".weight_scale_2") else gs
-            w.pwrite(op.outputs[2].offset, np.asarray([g], dtype=np.float32))
-        k = self.k
-        search = self.plan.options.scale_search  # "none": compressed-tensors' rounding
-
-        def block(r0: int, r1: int) -> None:
-            x = self.take_rows(op, r0, r1) if gs is not None else self.read_float(op, r0, r1)
-            if not math.isfinite(float(k.absmax(x))):
-                raise self._nonfinite(op)
-            if gs is not None:
-                packed, scale = k.quantize_nvfp4(x, gs, search=search)
-            else:
-                packed, scale = k.quantize_mxfp4(x, search=search)
-            self._measure_fp4(op, r0, x, packed, scale, gs)
-            w.pwrite(packed_t.offset + r0 * (cols // 2), packed)
-            w.pwrite(scale_t.offset + r0 * groups, scale)
-
-        for r0, r1 in self._blocks(op):
-            yield lambda r0=r0, r1=r1: block(r0, r1)
+        """Callables that together write every output of ``op`` (each kind of op makes its own)."""
+        return op.items(self, w)
 
     # ---------------------------------------------------------------- whole run
     def run(self, progress: Progress | None = None) -> Result:

@@ -69,7 +69,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import QStreamError
-from ..plan.ops import Op, OutTensor
+from ..plan.ops import OutTensor
 
 FORMATS = ("compressed-tensors", "modelopt")
 QUANT_ALGO = "W4A16_NVFP4"  # weight-only NVFP4 (ModelOpt QUANTIZATION_W4A16_NVFP4)
@@ -137,6 +137,7 @@ def apply_format(ops: list) -> None:
         op.outputs = [OutTensor(m + ".weight", "U8", packed.shape),
                       OutTensor(m + ".weight_scale", "F8_E4M3", scale.shape),
                       OutTensor(m + ".weight_scale_2", "F32", ())]
+        op.reciprocal_global_scale = True  # weight_scale_2 = float32(1 / global scale), a multiplier
 
 
 def _unquantized_linears(ops: list) -> tuple[list[str], list[str]]:

@@ -1,15 +1,30 @@
 """The operations a plan is made of: one :class:`Op` per source tensor, writing
-:class:`OutTensor` outputs into :class:`OutShard` files. A leaf module: the plan, the
-writer and the layouts that rename or add operations (:mod:`qstream.layouts.modelopt`) all
-build on it.
+:class:`OutTensor` outputs into :class:`OutShard` files. One small class per kind (as
+huggingface_hub's ``CommitOperation*``): :class:`Copy`, :class:`Cast`, :class:`Slice`,
+:class:`Repack`, :class:`Dequantize`, :class:`Fp8Encode`, :class:`Quantize` (and the ModelOpt
+source's ``GlobalScaleRepack`` in :mod:`qstream.sources.modelopt`); each produces its own work
+items (:meth:`Op.items`), callables that read rows through the executor and ``pwrite`` its
+outputs at their planned offsets. The executor knows no kind and no format.
+
+A leaf of the package (the plan, the writer, the layouts and sources that make or rename
+operations all build on it): work items reach the executor only through the ``ex`` argument
+(:class:`qstream.convert.Executor`: its reader, row blocks, float reads, kernels, measures).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterator
 
-from ..safetensors_io import TensorInfo, dtype_size
-from ..schemes import ATTN_SCHEMES
+import numpy as np
+
+from ..safetensors_io import DTYPES, TensorInfo, dtype_size
+from ..schemes import ATTN_SCHEMES, SCHEMES
+
+COPY_CHUNK = 64 << 20  # bytes per copy work item
+
+Items = Iterator[Callable[[], None]]
 
 
 @dataclass
@@ -47,9 +62,10 @@ class View:
 
 @dataclass
 class Op:
-    # "copy" | "cast" (small tensor to F32) | "quantize" (FP4) | "fp8" | "dequantize" (FP8 -> BF16)
-    # | "repack" (gpt-oss MXFP4 rows -> compressed-tensors MXFP4) | "slice" (per-expert bias)
-    kind: str
+    # the kind, one per subclass: "copy" | "cast" (small tensor to F32) | "quantize" (FP4) | "fp8"
+    # | "dequantize" (FP8 -> BF16) | "repack" (gpt-oss MXFP4 rows -> compressed-tensors MXFP4;
+    # ModelOpt weight_scale_2) | "slice" (per-expert bias)
+    kind: ClassVar[str] = ""
     role: str
     source: TensorInfo
     outputs: list[OutTensor]
@@ -123,6 +139,134 @@ class Op:
         if self.kind == "cast":
             return "scale -> f32"
         return "passthrough" if self.source.name == self.outputs[0].name else "renamed"
+
+    def items(self, ex, w) -> Items:
+        """Callables that together write every output of this op into the shard writer ``w``."""
+        raise NotImplementedError(type(self).__name__)
+
+
+@dataclass
+class Copy(Op):
+    """The source bytes as they are (a passthrough, a rename, an FP8 weight kept, ModelOpt's packed
+    bytes and block scales)."""
+
+    kind: ClassVar[str] = "copy"
+
+    def items(self, ex, w) -> Items:
+        info, out = self.source, self.outputs[0]
+        for off in range(0, info.nbytes, COPY_CHUNK):
+            n = min(COPY_CHUNK, info.nbytes - off)
+            yield lambda off=off, n=n: w.copy_from(ex.reader.fd(info.path), info.begin + off, n, out.offset + off)
+
+
+@dataclass
+class Cast(Op):
+    """A small tensor (an FP8 scale) converted to the output's dtype."""
+
+    kind: ClassVar[str] = "cast"
+
+    def items(self, ex, w) -> Items:
+        info, out = self.source, self.outputs[0]
+        yield lambda: w.pwrite(out.offset, ex.reader.read(info).astype(DTYPES[out.dtype]).reshape(out.shape))
+
+
+@dataclass
+class Slice(Op):
+    """One expert's share of a fused bias."""
+
+    kind: ClassVar[str] = "slice"
+
+    def items(self, ex, w) -> Items:
+        out, v = self.outputs[0], self.view
+        row = ex.reader.read_rows(self.source, v.expert, v.expert + 1)[0]
+        yield lambda: w.pwrite(out.offset, np.ascontiguousarray(row[v.start: v.start + v.step * v.count: v.step]))
+
+
+@dataclass
+class Repack(Op):
+    """gpt-oss MXFP4 blocks -> compressed-tensors MXFP4: the same bits, one expert's rows."""
+
+    kind: ClassVar[str] = "repack"
+
+    def items(self, ex, w) -> Items:
+        packed_t, scale_t = self.outputs
+        cols = self.shape[1]
+        for r0, r1 in ex._blocks(self):
+            def repack(r0=r0, r1=r1):
+                packed, scales = ex.read_mxfp4_rows(self, r0, r1)
+                w.pwrite(packed_t.offset + r0 * packed.shape[1], packed)
+                w.pwrite(scale_t.offset + r0 * scales.shape[1], scales)
+            yield repack
+
+
+@dataclass
+class Dequantize(Op):
+    """An FP8 source weight decoded to BF16."""
+
+    kind: ClassVar[str] = "dequantize"
+
+    def items(self, ex, w) -> Items:
+        out = self.outputs[0]
+        row = self.source.shape[1] * DTYPES[out.dtype].itemsize
+        for r0, r1 in ex._blocks(self):
+            yield lambda r0=r0, r1=r1: w.pwrite(out.offset + r0 * row, ex.read_float(self, r0, r1).astype(DTYPES[out.dtype]))
+
+
+@dataclass
+class Fp8Encode(Op):
+    """An FP8 output encoding (``scheme``: its key in schemes.ATTN_SCHEMES): rows in, one array
+    per output."""
+
+    kind: ClassVar[str] = "fp8"
+
+    def items(self, ex, w) -> Items:
+        enc = ATTN_SCHEMES[self.scheme]
+
+        def encode(r0: int, r1: int) -> None:
+            x = ex.read_float(self, r0, r1)
+            if not math.isfinite(float(ex.k.absmax(x))):
+                raise ex._nonfinite(self)
+            arrays = enc.encode(x)
+            ex._measure(self, r0, x, enc.decode(arrays))
+            for t, arr, per in zip(self.outputs, arrays, enc.rows_per_out_row):
+                w.pwrite(t.offset + r0 // per * (t.nbytes // t.shape[0]), arr)
+
+        for r0, r1 in ex._blocks(self):
+            yield lambda r0=r0, r1=r1: encode(r0, r1)
+
+
+@dataclass
+class Quantize(Op):
+    """An FP4 scheme (``scheme``: its key in schemes.SCHEMES) from float rows: packed codes and
+    block scales, and the global scale of a scheme that has one (written as its reciprocal when
+    the layout says so: ModelOpt's ``weight_scale_2``)."""
+
+    kind: ClassVar[str] = "quantize"
+    reciprocal_global_scale: bool = False
+
+    def items(self, ex, w) -> Items:
+        scheme = SCHEMES[self.scheme]
+        _, cols = self.shape
+        packed_t, scale_t = self.outputs[0], self.outputs[1]
+        groups = cols // scheme.group_size
+        gs = ex.global_scale(self) if scheme.has_global_scale else None
+        if gs is not None:
+            g = np.float32(1) / gs if self.reciprocal_global_scale else gs
+            w.pwrite(self.outputs[2].offset, np.asarray([g], dtype=np.float32))
+        k = ex.k
+        search = ex.plan.options.scale_search  # "none": compressed-tensors' rounding
+
+        def block(r0: int, r1: int) -> None:
+            x = ex.take_rows(self, r0, r1) if gs is not None else ex.read_float(self, r0, r1)
+            if not math.isfinite(float(k.absmax(x))):
+                raise ex._nonfinite(self)
+            packed, scale = scheme.quantize(k, x, gs, search)
+            ex._measure_fp4(self, r0, x, packed, scale, gs)
+            w.pwrite(packed_t.offset + r0 * (cols // 2), packed)
+            w.pwrite(scale_t.offset + r0 * groups, scale)
+
+        for r0, r1 in ex._blocks(self):
+            yield lambda r0=r0, r1=r1: block(r0, r1)
 
 
 @dataclass

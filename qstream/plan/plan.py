@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import __version__
 from ..sources.checkpoint import Checkpoint
 from ..errors import QStreamError
-from .ops import Op, OutShard, OutTensor, View
+from .ops import Cast, Copy, Dequantize, Fp8Encode, Op, OutShard, OutTensor, Quantize, Repack, Slice, View
 from ..layouts import modelopt
 from ..layouts.compressed_tensors import quantization_config
 from .checks import (check_something_quantized, check_source_quantization, group_warnings, oversized_tensors,
@@ -299,11 +299,11 @@ def plan_fused_experts(src: Checkpoint, family, classifier: Classifier, opts: Op
                 view = View(e, transpose, start, step, count, in_dim)
                 if blocks and scheme.name == "mxfp4":
                     outs = [OutTensor(n, d, sh) for n, d, sh in scheme.outputs(module, (count, in_dim))]
-                    ops.append(Op("repack", role, info, outs, scheme="mxfp4", src_scale=scales, layout="mxfp4",
+                    ops.append(Repack(role, info, outs, scheme="mxfp4", src_scale=scales, layout="mxfp4",
                                   view=view, out_module=module, module_scheme="mxfp4"))
                 else:
                     outs = [OutTensor(n, d, sh) for n, d, sh in scheme.outputs(module, (count, in_dim))]
-                    ops.append(Op("quantize", role, info, outs, scheme=scheme.name,
+                    ops.append(Quantize(role, info, outs, scheme=scheme.name,
                                   src_scale=scales if blocks else None, layout="mxfp4" if blocks else None,
                                   view=view, out_module=module, module_scheme=scheme.name))
         res.ops[name] = ops
@@ -315,7 +315,7 @@ def plan_fused_experts(src: Checkpoint, family, classifier: Classifier, opts: Op
             for e in range(E):
                 for proj, start, step, count in parts:
                     view = View(e, False, start, step, count, 1)
-                    bops.append(Op("slice", role, bias, [OutTensor(f"{prefix}.{e}.{proj}.bias", bias.dtype, (count,))],
+                    bops.append(Slice(role, bias, [OutTensor(f"{prefix}.{e}.{proj}.bias", bias.dtype, (count,))],
                                    view=view, out_module=f"{prefix}.{e}.{proj}"))
             res.ops[bias.name] = bops
     if mxfp4_src and not any(op.kind in ("repack", "quantize") for ops in res.ops.values() for op in ops):
@@ -328,7 +328,7 @@ def _keep_fp8(f: Fp8Weight, role: str) -> list[Op]:
     mod = f.weight.name.removesuffix(".weight")
     static = f.input_scale is not None and f.layout == "tensor"
     key = f"fp8:{f.layout}" + (":static" if static else "") + (f":{f.block[0]}x{f.block[1]}" if f.block else "")
-    w = Op("copy", role, f.weight, [OutTensor(f.weight.name, "F8_E4M3", f.weight.shape)], module_scheme=key)
+    w = Copy(role, f.weight, [OutTensor(f.weight.name, "F8_E4M3", f.weight.shape)], module_scheme=key)
     ops = [w]
     for src_t, out_name in ((f.scale, mod + ".weight_scale"), (f.input_scale, mod + ".input_scale")):
         if src_t is None or (out_name.endswith("input_scale") and not static):
@@ -340,16 +340,16 @@ def _keep_fp8(f: Fp8Weight, role: str) -> list[Op]:
         else:
             shape = tuple(src_t.shape)
         if src_t.dtype == "F32":
-            ops.append(Op("copy", role, src_t, [OutTensor(out_name, "F32", shape)]))
+            ops.append(Copy(role, src_t, [OutTensor(out_name, "F32", shape)]))
         else:
-            ops.append(Op("cast", role, src_t, [OutTensor(out_name, "F32", shape)]))
+            ops.append(Cast(role, src_t, [OutTensor(out_name, "F32", shape)]))
     return ops
 
 
 def _attn_op(enc, info: TensorInfo, role: str, module: str, dtype: str, **src) -> Op:
     """An FP8 attention output (``--attn``, one of schemes.ATTN_SCHEMES) of a 2-D weight."""
     outs = [OutTensor(n, d, s) for n, d, s in enc.outputs(module, info.shape, dtype)]
-    return Op("fp8", role, info, outs, scheme=enc.name, module_scheme=enc.key, **src)
+    return Fp8Encode(role, info, outs, scheme=enc.name, module_scheme=enc.key, **src)
 
 
 def _plan_tensor(info: TensorInfo, role: str, scheme: Scheme | None, fp8: Fp8Weight | None, opts: Options,
@@ -359,20 +359,20 @@ def _plan_tensor(info: TensorInfo, role: str, scheme: Scheme | None, fp8: Fp8Wei
     if fp8 is not None:
         if scheme is not None and not ignored and info.shape[1] % scheme.group_size == 0:
             outs = [OutTensor(n, d, s) for n, d, s in scheme.outputs(module, info.shape)]
-            return [Op("quantize", role, info, outs, scheme=scheme.name, src_scale=fp8.scale,
+            return [Quantize(role, info, outs, scheme=scheme.name, src_scale=fp8.scale,
                        layout=fp8.layout, block=fp8.block, module_scheme=scheme.name)]
         if scheme is not None and not ignored:
             warnings.append(f"{info.name}: input dimension {info.shape[1]} is not a multiple of {scheme.name}'s "
                             f"group size {scheme.group_size}; kept in FP8")
         if role == "attention" and opts.attn == "bf16":
-            return [Op("dequantize", role, info, [OutTensor(info.name, "BF16", info.shape)], src_scale=fp8.scale,
+            return [Dequantize(role, info, [OutTensor(info.name, "BF16", info.shape)], src_scale=fp8.scale,
                        layout=fp8.layout, block=fp8.block)]
         enc = ATTN_SCHEMES.get(opts.attn) if role == "attention" and scheme is None and not ignored else None
         if enc is not None and not enc.keeps(fp8.layout, fp8.block):  # decoded, then re-encoded
             return [_attn_op(enc, info, role, module, "F32", src_scale=fp8.scale, layout=fp8.layout, block=fp8.block)]
         return _keep_fp8(fp8, role)
 
-    copy = Op("copy", role, info, [OutTensor(info.name, info.dtype, info.shape)])
+    copy = Copy(role, info, [OutTensor(info.name, info.dtype, info.shape)])
     if not info.name.endswith(".weight") or len(info.shape) != 2:
         return [copy]
     if role == "attention" and opts.attn in ATTN_SCHEMES and not ignored and scheme is None:
@@ -398,7 +398,7 @@ def _plan_tensor(info: TensorInfo, role: str, scheme: Scheme | None, fp8: Fp8Wei
         copy.note = f"in_features {in_f} not a multiple of {scheme.group_size}"
         return [copy]
     outs = [OutTensor(n, d, s) for n, d, s in scheme.outputs(module, (out_f, in_f))]
-    return [Op("quantize", role, info, outs, scheme=scheme.name, module_scheme=scheme.name)]
+    return [Quantize(role, info, outs, scheme=scheme.name, module_scheme=scheme.name)]
 
 
 def _assign_shards(ops: list[Op], max_size: int) -> list[OutShard]:

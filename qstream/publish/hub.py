@@ -26,7 +26,7 @@ from ..atomic import os_error, write_atomic
 from ..sources.checkpoint import GENERATED, Checkpoint
 from ..convert import Hooks
 from ..errors import QStreamError
-from ..sources.hub_source import HubCheckpoint, SourceFetcher, _hf, _hub_error, open_hub_checkpoint
+from ..sources.hub_source import HubCheckpoint, SourceFetcher, _hf, _hub_error
 from ..plan.plan import Plan
 from ..writer import STAGING_DIR
 

@@ -37,6 +37,13 @@ class Scheme:
             res.append((f"{module}.weight_global_scale", "F32", (1,)))
         return res
 
+    def quantize(self, k, x, global_scale, search: str):
+        """(packed codes, block scales) of the float rows ``x`` with the kernels ``k``
+        (:mod:`qstream.schemes.kernels`, or the reference's functions of the same names)."""
+        if self.has_global_scale:
+            return getattr(k, f"quantize_{self.name}")(x, global_scale, search=search)
+        return getattr(k, f"quantize_{self.name}")(x, search=search)
+
 
 MXFP4 = Scheme(
     name="mxfp4",

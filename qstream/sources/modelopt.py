@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from ..errors import QStreamError
 from ..layouts.modelopt import GROUP_SIZE, HF_QUANT_CONFIG, READ_ALGOS, global_scale
-from ..plan.ops import Op, OutTensor
+from ..plan.ops import Copy, Op, OutTensor
 
 
 @dataclass
@@ -93,9 +94,9 @@ def plan_source(src, opts, classifier, ignore_res, warnings: list[str]) -> Sourc
         role = classifier.role(w.name)
         mk = dict(scheme="nvfp4", layout="modelopt", out_module=m)
         res.ops[w.name] = [
-            Op("copy", role, w, [OutTensor(m + ".weight_packed", "U8", tuple(w.shape))], module_scheme="nvfp4", **mk),
-            Op("copy", role, s, [OutTensor(m + ".weight_scale", "F8_E4M3", tuple(s.shape))], **mk),
-            Op("repack", role, s2, [OutTensor(m + ".weight_global_scale", "F32", (1,))], **mk),
+            Copy(role, w, [OutTensor(m + ".weight_packed", "U8", tuple(w.shape))], module_scheme="nvfp4", **mk),
+            Copy(role, s, [OutTensor(m + ".weight_scale", "F8_E4M3", tuple(s.shape))], **mk),
+            GlobalScaleRepack(role, s2, [OutTensor(m + ".weight_global_scale", "F32", (1,))], **mk),
         ]
         res.consumed |= {s.name, s2.name}
         inp = t.get(m + ".input_scale")
@@ -113,8 +114,13 @@ def plan_source(src, opts, classifier, ignore_res, warnings: list[str]) -> Sourc
     return res
 
 
-def repack_items(ex, op, w):
-    """Executor work for a ModelOpt repack op: ``weight_scale_2`` -> ``weight_global_scale``."""
-    info, out = op.source, op.outputs[0]
-    yield lambda: w.pwrite(out.offset, np.asarray([global_scale(ex.reader.read(info).reshape(-1)[0], info.name)],
-                                                  dtype=np.float32))
+@dataclass
+class GlobalScaleRepack(Op):
+    """ModelOpt ``weight_scale_2`` -> compressed-tensors ``weight_global_scale``."""
+
+    kind: ClassVar[str] = "repack"
+
+    def items(self, ex, w):
+        info, out = self.source, self.outputs[0]
+        yield lambda: w.pwrite(out.offset, np.asarray([global_scale(ex.reader.read(info).reshape(-1)[0], info.name)],
+                                                      dtype=np.float32))

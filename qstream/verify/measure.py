@@ -24,7 +24,8 @@ class SourceMeasure:
 
     def measure(self, src_root: str, pool: ThreadPoolExecutor) -> None:
         from ..convert import Executor
-        from ..plan.plan import Op, Options, Plan, make_plan
+        from ..plan.ops import Copy, Quantize
+        from ..plan.plan import Options, Plan, make_plan
         from ..sources.fp8 import find_fp8_weights
         from ..safetensors_io import FLOAT_SOURCE_DTYPES
         from ..sources.source import open_checkpoint
@@ -63,9 +64,9 @@ class SourceMeasure:
             role = roles.get(module) or self.classifier.role(info.name)
             f = fp8map.get(info.name)
             if f is not None:
-                return Op("quantize", role, info, [], src_scale=f.scale, layout=f.layout, block=f.block)
+                return Quantize(role, info, [], src_scale=f.scale, layout=f.layout, block=f.block)
             if info.dtype in FLOAT_SOURCE_DTYPES:
-                return Op("copy", role, info, [])
+                return Copy(role, info, [])
             return None
 
         jobs = []
