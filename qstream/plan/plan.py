@@ -300,12 +300,12 @@ def plan_fused_experts(src: Checkpoint, family, classifier: Classifier, opts: Op
                 if blocks and scheme.name == "mxfp4":
                     outs = [OutTensor(n, d, sh) for n, d, sh in scheme.outputs(module, (count, in_dim))]
                     ops.append(Repack(role, info, outs, scheme="mxfp4", src_scale=scales, layout="mxfp4",
-                                  view=view, out_module=module, module_scheme="mxfp4"))
+                                      view=view, out_module=module, module_scheme="mxfp4"))
                 else:
                     outs = [OutTensor(n, d, sh) for n, d, sh in scheme.outputs(module, (count, in_dim))]
                     ops.append(Quantize(role, info, outs, scheme=scheme.name,
-                                  src_scale=scales if blocks else None, layout="mxfp4" if blocks else None,
-                                  view=view, out_module=module, module_scheme=scheme.name))
+                                        src_scale=scales if blocks else None, layout="mxfp4" if blocks else None,
+                                        view=view, out_module=module, module_scheme=scheme.name))
         res.ops[name] = ops
         if blocks:
             res.consumed.add(scales.name)
@@ -316,7 +316,7 @@ def plan_fused_experts(src: Checkpoint, family, classifier: Classifier, opts: Op
                 for proj, start, step, count in parts:
                     view = View(e, False, start, step, count, 1)
                     bops.append(Slice(role, bias, [OutTensor(f"{prefix}.{e}.{proj}.bias", bias.dtype, (count,))],
-                                   view=view, out_module=f"{prefix}.{e}.{proj}"))
+                                      view=view, out_module=f"{prefix}.{e}.{proj}"))
             res.ops[bias.name] = bops
     if mxfp4_src and not any(op.kind in ("repack", "quantize") for ops in res.ops.values() for op in ops):
         raise QStreamError(f"{src.root}: quantization_config says mxfp4 but no experts *_blocks tensors were found.")
@@ -360,13 +360,13 @@ def _plan_tensor(info: TensorInfo, role: str, scheme: Scheme | None, fp8: Fp8Wei
         if scheme is not None and not ignored and info.shape[1] % scheme.group_size == 0:
             outs = [OutTensor(n, d, s) for n, d, s in scheme.outputs(module, info.shape)]
             return [Quantize(role, info, outs, scheme=scheme.name, src_scale=fp8.scale,
-                       layout=fp8.layout, block=fp8.block, module_scheme=scheme.name)]
+                             layout=fp8.layout, block=fp8.block, module_scheme=scheme.name)]
         if scheme is not None and not ignored:
             warnings.append(f"{info.name}: input dimension {info.shape[1]} is not a multiple of {scheme.name}'s "
                             f"group size {scheme.group_size}; kept in FP8")
         if role == "attention" and opts.attn == "bf16":
             return [Dequantize(role, info, [OutTensor(info.name, "BF16", info.shape)], src_scale=fp8.scale,
-                       layout=fp8.layout, block=fp8.block)]
+                               layout=fp8.layout, block=fp8.block)]
         enc = ATTN_SCHEMES.get(opts.attn) if role == "attention" and scheme is None and not ignored else None
         if enc is not None and not enc.keeps(fp8.layout, fp8.block):  # decoded, then re-encoded
             return [_attn_op(enc, info, role, module, "F32", src_scale=fp8.scale, layout=fp8.layout, block=fp8.block)]
