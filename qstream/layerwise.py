@@ -340,12 +340,32 @@ class Skeleton:
 # transformers 5 holds a MoE layer's experts as 3-D parameters [E, 2I, H] and [E, H, I]; the
 # checkpoints hold them per expert (its conversion_mapping: qwen2_moe / qwen3_moe, mixtral).
 EXPERT_NAMES = ((".mlp.", "gate_proj", "up_proj", "down_proj"), (".block_sparse_moe.", "w1", "w3", "w2"))
+# gpt-oss: [E, H, 2I] with gate and up interleaved on the last axis (gate = [..., ::2]), down
+# [E, I, H], biases [E, 2I] / [E, H]; qstream writes its experts per expert as [out, in] Linears
+GPT_OSS_PARAMS = {"gate_up_proj": ("weight", True), "down_proj": ("weight", False),
+                  "gate_up_proj_bias": ("bias", True), "down_proj_bias": ("bias", False)}
 
 
 def _experts(store: WeightStore, full: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A fused 3-D expert parameter (``....experts.gate_up_proj`` / ``.down_proj``) built from
-    the checkpoint's per-expert weights (gate and up concatenated on the output axis)."""
+    the checkpoint's per-expert weights (gate and up concatenated on the output axis; gpt-oss:
+    interleaved, in-major, with biases), or decoded from gpt-oss's own MXFP4 blocks."""
     pre, _, param = full.rpartition(".experts.")
+    if f"{full}_blocks" in store.tensors:  # gpt-oss MXFP4 release layout: [E, out, G, 16] + [E, out, G]
+        blocks, scales = store._read(store.tensors[f"{full}_blocks"]), store._read(store._info(f"{full}_scales"))
+        e, out = blocks.shape[:2]
+        w = decode_mxfp4(blocks.reshape(e * out, -1), scales.reshape(e * out, -1)).reshape(e, out, -1)
+        return _to_torch(w).transpose(1, 2).to(device=device, dtype=dtype)
+    if param in GPT_OSS_PARAMS and f"{pre}.experts.0.gate_proj.bias" in store:
+        kind, fused = GPT_OSS_PARAMS[param]
+        out, e = [], 0
+        while f"{pre}.experts.{e}.down_proj.{kind}" in store:
+            parts = [store.tensor(f"{pre}.experts.{e}.{x}.{kind}", dtype, device)
+                     for x in (("gate_proj", "up_proj") if fused else ("down_proj",))]
+            t = torch.stack(parts, 1).flatten(0, 1) if fused else parts[0]  # rows g0 u0 g1 u1 ...
+            out.append(t.T if kind == "weight" else t)
+            e += 1
+        return torch.stack(out)
     if param in ("gate_up_proj", "down_proj") and ".mlp" in pre:
         for mlp, gate, up, down in EXPERT_NAMES:
             base = pre.replace(".mlp", mlp.rstrip("."), 1) + ".experts"

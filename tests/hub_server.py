@@ -19,9 +19,11 @@ repo's Xet CAS in ``<root>/xet-cas/<repo>``; regular files and commits are kept 
 Faults and measurements for tests: ``fail_puts`` (answer the next N uploads with 500),
 ``upload_delay`` (a slow uplink: seconds per LFS upload or Xet write token),
 ``hold_puts_after`` / ``hold_xet_tokens_after`` (block further uploads until ``release`` is set,
-so a test can kill the client mid-push), ``stats`` (bytes received, uploads, range reads).
+so a test can kill the client mid-push), ``stats`` (bytes received, uploads, range reads), and
+``down_limit`` / ``up_limit`` (a link of that many bytes per second each way, shared by all
+connections, as one uplink and one downlink: benchmarks/bench_hub.py).
 
-Run standalone: ``python tests/hub_server.py --root DIR [--port 8123] [--xet]``.
+Run standalone: ``python tests/hub_server.py --root DIR [--port 8123] [--no-xet] [--mbps N]``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,27 @@ def git_blob_oid(content: bytes) -> str:
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+class Link:
+    """One direction of a link of ``rate`` bytes per second, shared by every connection:
+    ``take(n)`` returns when ``n`` more bytes fit since the link opened (a token bucket
+    without burst beyond 64 KiB)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.lock = threading.Lock()
+        self.t0 = time.perf_counter()
+        self.sent = 0
+
+    def take(self, n: int) -> None:
+        with self.lock:
+            now = time.perf_counter()
+            self.sent = max(self.sent, int((now - self.t0) * self.rate) - (64 << 10))  # idle time is not credit
+            self.sent += n
+            due = self.t0 + self.sent / self.rate
+        if due > now:
+            time.sleep(due - now)
 
 
 @dataclass(frozen=True)
@@ -130,6 +153,8 @@ class HubState:
         self.xet_tokens = 0
         self.release = threading.Event()
         self.holding = threading.Event()  # set while a request is held
+        self.down_limit: Link | None = None  # bytes served by resolve (downloads)
+        self.up_limit: Link | None = None  # bytes received by LFS uploads
 
     def reset_faults(self) -> None:
         with self.lock:
@@ -298,6 +323,18 @@ class Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
+    def _body_limited(self, link: Link, chunk: int = 1 << 20) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        out = bytearray()
+        while len(out) < n:
+            k = min(chunk, n - len(out))
+            link.take(k)
+            part = self.rfile.read(k)
+            if not part:
+                break
+            out += part
+        return bytes(out)
+
     def _send(self, status: int, body: bytes | dict | list | None = None, headers: dict | None = None,
               head_only: bool = False, length: int | None = None) -> None:
         if isinstance(body, (dict, list)):
@@ -313,7 +350,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         if not head_only and data:
-            self.wfile.write(data)
+            link = self.state.down_limit if getattr(self, "_limited", False) else None
+            if link is None:
+                self.wfile.write(data)
+            else:
+                view = memoryview(data)
+                for i in range(0, len(view), 1 << 20):
+                    link.take(len(view[i:i + (1 << 20)]))
+                    self.wfile.write(view[i:i + (1 << 20)])
         with self.state.lock:
             self.state.stats.requests.append((self.command, urlsplit(self.path).path, status))
 
@@ -528,7 +572,7 @@ class Handler(BaseHTTPRequestHandler):
             st.holding.set()
             st.release.wait(60)
         time.sleep(st.upload_delay)
-        data = self._body()
+        data = self._body() if st.up_limit is None else self._body_limited(st.up_limit)
         with st.lock:
             st.stats.put_bytes += len(data)
             if st.fail_puts > 0:
@@ -668,7 +712,11 @@ class Handler(BaseHTTPRequestHandler):
             with open(self.state.object_path(repo_id, e.sha256), "rb") as f:
                 f.seek(start)
                 data = f.read(end + 1 - start)
-        self._send(status, data, hdrs, head_only=head_only)
+        self._limited = True  # a download: through the downlink, if limited
+        try:
+            self._send(status, data, hdrs, head_only=head_only)
+        finally:
+            self._limited = False
 
     def lfs_download(self, repo_id: str, oid: str, query: dict) -> None:
         p = self.state.object_path(repo_id, oid)
@@ -743,9 +791,12 @@ def main() -> None:
     ap.add_argument("--root", required=True, type=Path)
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--no-xet", action="store_true")
+    ap.add_argument("--mbps", type=float, default=0, help="limit downloads and uploads to N MB/s each way")
     ap.add_argument("--seed", nargs=2, metavar=("REPO_ID", "FOLDER"), action="append", default=[])
     args = ap.parse_args()
     srv = HubServer(args.root, args.port, xet=not args.no_xet)
+    if args.mbps:
+        srv.state.down_limit, srv.state.up_limit = Link(args.mbps * 1e6), Link(args.mbps * 1e6)
     for repo_id, folder in args.seed:
         srv.state.seed(repo_id, Path(folder))
     print(f"HF_ENDPOINT={srv.url} HF_TOKEN={TOKEN}", flush=True)

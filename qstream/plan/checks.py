@@ -97,3 +97,12 @@ def oversized_tensors(ops: list, max_size: int) -> list[str]:
     worst = max(big, key=lambda op: op.bytes_out)
     return [f"--max-shard-size {max_size} B is smaller than {len(big)} tensor(s) (largest: {worst.source.name}, "
             f"{worst.bytes_out} B out); a tensor is never split, so those shards are larger than the limit"]
+
+
+def runtime_warnings(family: str, ops: list) -> list[str]:
+    """What a runtime is known not to load, said at plan time (README, "What vLLM does")."""
+    if family == "gpt_oss" and any(op.view is not None and op.quantized for op in ops):
+        return ["gpt-oss experts are written per expert (the layout transformers and compressed-tensors "
+                "load); vLLM 0.32 cannot load FP4 gpt-oss checkpoints in this layout (it reads only OpenAI's "
+                "own MXFP4 blocks), so serve this output with transformers, not vLLM."]
+    return []
