@@ -153,6 +153,7 @@ class HubState:
         self.xet_tokens = 0
         self.release = threading.Event()
         self.holding = threading.Event()  # set while a request is held
+        self.held_done = threading.Event()  # set once a held upload has read what the killed client sent
         self.down_limit: Link | None = None  # bytes served by resolve (downloads)
         self.up_limit: Link | None = None  # bytes received by LFS uploads
 
@@ -166,6 +167,7 @@ class HubState:
             self.xet_tokens = 0
         self.release.clear()
         self.holding.clear()
+        self.held_done.clear()
 
     # ------------------------------------------------------------------ store
     def has_object(self, repo_id: str, sha256: str) -> bool:
@@ -572,9 +574,14 @@ class Handler(BaseHTTPRequestHandler):
             st.holding.set()
             st.release.wait(60)
         time.sleep(st.upload_delay)
-        data = self._body() if st.up_limit is None else self._body_limited(st.up_limit)
+        try:
+            data = self._body() if st.up_limit is None else self._body_limited(st.up_limit)
+            with st.lock:
+                st.stats.put_bytes += len(data)
+        finally:
+            if hold:
+                st.held_done.set()
         with st.lock:
-            st.stats.put_bytes += len(data)
             if st.fail_puts > 0:
                 st.fail_puts -= 1
                 st.stats.failed_puts += 1
