@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
+from . import __version__, activations
 from .errors import QStreamError
 from .journal import open_journal
 from .plan import Op, OutShard, Plan
@@ -365,9 +365,9 @@ class Executor:
         packed_t, scale_t = op.outputs[0], op.outputs[1]
         groups = cols // scheme.group_size
         gs = self.global_scale(op) if scheme.has_global_scale else None
-        if gs is not None:  # ModelOpt stores the reciprocal, weight_scale_2 = float32(1 / gs) (qstream/modelopt.py)
-            g = np.float32(1) / gs if op.outputs[2].name.endswith(".weight_scale_2") else gs
-            w.pwrite(op.outputs[2].offset, np.asarray([g], dtype=np.float32))
+        if gs is not None:  # global scale (ModelOpt: its reciprocal), W4A4 input scale: qstream/activations.py
+            for t, g in zip(op.outputs[2:], activations.scale_values(self.plan, op, gs)):
+                w.pwrite(t.offset, np.asarray([g], dtype=np.float32))
         k = self.k
         search = self.plan.options.scale_search  # "none": compressed-tensors' rounding
 
