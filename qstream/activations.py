@@ -111,12 +111,12 @@ def group_amax(opts, plan, op) -> float:
 
 
 def input_global_scale(amax: float) -> np.float32:
-    """compressed-tensors ``input_global_scale`` = generate_gparam: 448 * 6 / amax in float32
-    (amax clamped to float32's tiny; a non-finite result becomes 1)."""
-    a = max(np.float32(amax), np.finfo(np.float32).tiny)
-    with np.errstate(over="ignore", divide="ignore"):
-        g = np.float32(E4M3_MAX * FP4_MAX) / np.float32(a)
-    return g if np.isfinite(g) else np.float32(1.0)
+    """compressed-tensors ``input_global_scale`` = generate_gparam(-amax, amax) on a float32
+    amax: ``2688 / amax`` as torch evaluates it (reciprocal, then times 2688), amax clamped to
+    float32's tiny, a non-finite result 1 (reference.nvfp4_global_scale, the weights' rule)."""
+    from .schemes.reference import nvfp4_global_scale
+
+    return nvfp4_global_scale(np.float32(amax), np.float32)
 
 
 def input_scale(amax: float) -> np.float32:
