@@ -122,7 +122,7 @@ def _requirements(plan: Plan, fmts: list[str], moe: bool) -> list[str]:
                    "GPUs of compute capability 7.5 or higher; the weights run through the FP4 Marlin GEMM with "
                    "BF16/FP16 activations on every GPU.")
     elif "nvfp4" in fmts:
-        out.append(f"- **NVFP4A16** (`nvfp4-pack-quantized`): vLLM {VLLM_CHECKED} or later. Compute capability 7.5 "
+        out.append(f"- **{'NVFP4' if plan.options.activations == 'nvfp4' else 'NVFP4A16'}** (`nvfp4-pack-quantized`): vLLM {VLLM_CHECKED} or later. Compute capability 7.5 "
                    "or higher. Native FP4 on Blackwell data-center GPUs (SM 10.0 / 10.3, e.g. B200, GB200, B300) "
                    "through FlashInfer's CuTe-DSL W4A16 kernel; on Turing, Ampere, Ada and Hopper (SM 7.5-9.0) "
                    "through the FP4 Marlin kernel (weights decoded in the kernel, BF16 math).")

@@ -40,6 +40,11 @@ CPU_FP8_GAP = "scaled_fp8_quant"
 ATTN_FP4 = '[schemes]\nattention = "nvfp4"\n'
 # NVFP4 W4A4 calibration: 4 x 256 tokens of the test text (small: the suite's time)
 CALIB = ["--calibrate", str(TESTS / "data" / "pride_and_prejudice.txt"), "--calib-samples", "4", "--calib-seqlen", "256"]
+# W4A4 MXFP4 rounds every MLP input to FP4 under power-of-two scales, so a float-rounding
+# difference upstream flips FP4 codes: its NLL is about 10x noisier across implementations
+# than weight-only (transformers' own sdpa vs eager attention on these 512 tokens: 0.026 nats
+# for the MXFP4 W4A4 reference, 0.002 weight-only). NVFP4's FP8 scales keep it at the default.
+NLL_TOL = {"smollm2-mxfp4-w4a4": 0.05}
 # While developing: QSTREAM_VLLM_ONLY=REGEX converts and runs only the matching variants (the rest skip)
 ONLY = os.environ.get("QSTREAM_VLLM_ONLY")
 # W4A4 variant -> (stand-in its FP4 layers must run, the input-scale parameter each holds)
@@ -205,13 +210,15 @@ def test_vllm_nll_matches_compressed_tensors_decode(matrix, name):
     out = matrix["outs"][name]
     if name.endswith("-modelopt"):  # same packed bytes and scales as the compressed-tensors output
         out = matrix["outs"][name.removesuffix("-modelopt")]
-    if name in W4A4:  # CT's weight decode + CT's own activation QDQ (tests/w4a4_reference.py)
-        from w4a4_reference import load_w4a4_reference
-        model = load_w4a4_reference(out)
-    else:
-        model = smollm2.load_causal_lm(out)
+    model = smollm2.load_causal_lm(out)
     tokens = torch.tensor(matrix["tokens"])
     with torch.no_grad():
         ref = math.log(smollm2.perplexity(model, tokens, window=len(tokens)))  # one window, as vLLM scores it
+        if name in W4A4:  # + CT's own activation QDQ (tests/w4a4_reference.py); the weight-only figure is farther
+            from w4a4_reference import attach_input_qdq
+            dense, _ = ref, attach_input_qdq(model, out)
+            ref = math.log(smollm2.perplexity(model, tokens, window=len(tokens)))
+            print(f"\n[{name}] weight-only decode {dense:.4f}")
+            assert abs(r["nll"] - ref) < abs(r["nll"] - dense), (name, r["nll"], ref, dense)
     print(f"\n[{name}] NLL vLLM {r['nll']:.4f}, compressed-tensors decode {ref:.4f}, standins {r.get('standins')}")
-    assert abs(r["nll"] - ref) < 0.01, (name, r["nll"], ref)
+    assert abs(r["nll"] - ref) < NLL_TOL.get(name, 0.01), (name, r["nll"], ref)
