@@ -91,10 +91,15 @@ def add_input_scales(ops: list, opts, scale_groups: dict[str, list[str]]) -> Non
                                "qstream writes activation scales only for Linears it quantizes.")
         members = scale_groups.get(op.scale_group, [op.module])
         missing = [m for m in members if m not in amax]
+        if missing and ".experts." in missing[0]:
+            raise QStreamError(f"--activations nvfp4: the calibration recorded no input of {missing[0]}: qstream's "
+                               "calibration pass sees per-expert inputs only where transformers builds one Linear per "
+                               "expert, not this model's fused experts; --ignore the experts, or use --activations "
+                               "mxfp4 (dynamic, no calibration).")
         if missing:
             raise QStreamError(f"--activations nvfp4: the calibration recorded no input of {missing[0]}; the "
-                               "calibration pass did not run that Linear (an expert no token was routed to?), "
-                               "use a longer --calibrate text or --ignore it.")
+                               "calibration pass did not run that Linear; check that --calibrate's text reaches "
+                               "it, or --ignore it.")
         bad = next((m for m in members if not np.isfinite(amax[m]) or amax[m] < 0), None)
         if bad is not None:
             raise QStreamError(f"--activations nvfp4: the input absmax of {bad} is {amax[bad]!r}; the calibration "

@@ -215,3 +215,17 @@ def test_cli(src, tmp_path):
 def test_default_options_unchanged():
     """Weight-only runs keep their plan identity (resume fingerprints, golden hashes)."""
     assert "activations" not in Options().key() and "input_amax" not in Options().key()
+
+
+def test_moe_experts_without_statistics_are_refused(tmp_path):
+    """Per-expert input statistics are not collected for fused experts: NVFP4 W4A4 of a MoE
+    names the expert and the ways out, before any tensor is written."""
+    from synth import mixtral_config, mixtral_tensors
+
+    cfg = mixtral_config()
+    src = write_checkpoint(tmp_path / "mixtral", cfg, mixtral_tensors(cfg), n_shards=1)
+    opts = Options(mlp="nvfp4", activations="nvfp4", input_amax=(("model.layers.0.self_attn.q_proj", 1.0),))
+    with pytest.raises(QStreamError, match=r"experts\.0\..*--activations mxfp4"):
+        make_plan(open_checkpoint(src), opts)
+    assert make_plan(open_checkpoint(src), Options(mlp="mxfp4", activations="mxfp4")).quantization_config[
+        "config_groups"]["group_0"]["input_activations"]["dynamic"] is True
