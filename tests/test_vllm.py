@@ -40,11 +40,13 @@ CPU_FP8_GAP = "scaled_fp8_quant"
 ATTN_FP4 = '[schemes]\nattention = "nvfp4"\n'
 # NVFP4 W4A4 calibration: 4 x 256 tokens of the test text (small: the suite's time)
 CALIB = ["--calibrate", str(TESTS / "data" / "pride_and_prejudice.txt"), "--calib-samples", "4", "--calib-seqlen", "256"]
-# W4A4 MXFP4 rounds every MLP input to FP4 under power-of-two scales, so a float-rounding
-# difference upstream flips FP4 codes: its NLL is about 10x noisier across implementations
-# than weight-only (transformers' own sdpa vs eager attention on these 512 tokens: 0.026 nats
-# for the MXFP4 W4A4 reference, 0.002 weight-only). NVFP4's FP8 scales keep it at the default.
-NLL_TOL = {"smollm2-mxfp4-w4a4": 0.05}
+# W4A4 rounds every MLP input to FP4, so a float-rounding difference upstream flips FP4 codes
+# and the 512-token NLL is far noisier across implementations than weight-only: transformers'
+# own sdpa vs eager attention move the CT reference by 0.026 nats (MXFP4 W4A4) and 0.019
+# (NVFP4 W4A4) against 0.002 weight-only, and vLLM scores the CT and the ModelOpt NVFP4 W4A4
+# outputs (same weights, reciprocal input scales) 0.078 apart. So W4A4 is held to 0.1 nats,
+# and to being closer to the W4A4 reference than to the weight-only decode (0.1-0.4 away).
+NLL_TOL = {n: 0.1 for n in ("smollm2-mxfp4-w4a4", "smollm2-nvfp4-w4a4", "smollm2-nvfp4-w4a4-modelopt")}
 # While developing: QSTREAM_VLLM_ONLY=REGEX converts and runs only the matching variants (the rest skip)
 ONLY = os.environ.get("QSTREAM_VLLM_ONLY")
 # W4A4 variant -> (stand-in its FP4 layers must run, the input-scale parameter each holds)
