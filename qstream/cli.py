@@ -60,17 +60,54 @@ def plan_options(f):
                      help="Output layout. compressed-tensors: vLLM and transformers; modelopt: NVIDIA ModelOpt "
                           "weight-only NVFP4 (W4A16_NVFP4: weight / weight_scale / weight_scale_2 and "
                           "hf_quant_config.json) for TensorRT-LLM and vLLM's modelopt_fp4; needs --mlp nvfp4.")(f)
+    f = click.option("--activations", type=click.Choice(["none", "mxfp4", "nvfp4"]), default="none",
+                     show_default=True,
+                     help="Quantize the FP4 Linears' activations too (W4A4). none: weight-only; mxfp4 (with --mlp "
+                          "mxfp4): dynamic E8M0 scales per 32 inputs, no data needed; nvfp4 (with --mlp nvfp4): "
+                          "static per-layer input global scales from --calibrate.")(f)
+    f = click.option("--calibrate", "calibrate", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="UTF-8 text (or .jsonl with a 'text' field) for the input statistics of --activations "
+                          "nvfp4, tokenized with the source's tokenizer. Needs a local SRC and the calibrate extra.")(f)
+    f = click.option("--calib-samples", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="With --calibrate: at most N samples (llm-compressor's example default).")(f)
+    f = click.option("--calib-seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
+                     help="With --calibrate: tokens per sample (llm-compressor's example default).")(f)
     return f
+
+
+def _calibrated(ckpt, opts: Options, calibrate: str | None, samples: int, seqlen: int) -> Options:
+    """Options with the calibrated input absmax of every Linear (qstream/actstats.py)."""
+    import dataclasses
+
+    if calibrate is None:
+        return opts
+    if opts.activations != "nvfp4":
+        raise QStreamError("--calibrate records activation statistics for --activations nvfp4; pass it, or drop "
+                           "--calibrate.")
+    if getattr(ckpt, "repo_id", None) or not Path(ckpt.root).is_dir():
+        raise QStreamError("--calibrate needs a local SRC folder (the calibration runs the source layer by layer); "
+                           "download it first.")
+    try:
+        from .actstats import collect_input_amax, token_batches
+    except ImportError as e:
+        raise QStreamError(f"--calibrate needs torch and transformers ({e}); install them with "
+                           "pip install 'qstream[calibrate]'.") from e
+    amax = collect_input_amax(ckpt.root, token_batches(ckpt.root, calibrate, samples, seqlen))
+    return dataclasses.replace(opts, input_amax=tuple(sorted(amax.items())))
 
 
 def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, max_shard_size: str,
                attn: str = "keep", fmt: str = "compressed-tensors",
                revision: str | None = None, download_dir: Path | None = None,
-               scale_search: str = Options.scale_search) -> Plan:
+               scale_search: str = Options.scale_search, activations: str = "none", calibrate: str | None = None,
+               calib: tuple[int, int] = (512, 2048), run_calibration: bool = True) -> Plan:
     ckpt = open_checkpoint(src, revision=revision, download_dir=download_dir)
     opts = Options(mlp=mlp, attn=attn, ignore=tuple(ignore), recipe=recipe, max_shard_size=parse_size(max_shard_size),
-                   format=fmt, scale_search=scale_search)
-    plan = make_plan(ckpt, opts)
+                   format=fmt, scale_search=scale_search, activations=activations,
+                   calibrate_label=Path(calibrate).name if calibrate else None)
+    plan = make_plan(ckpt, opts)  # every check before the calibration pass; W4A4 scales after it
+    if calibrate is not None and run_calibration:
+        plan = make_plan(ckpt, _calibrated(ckpt, opts, calibrate, *calib))
     plan.command = card_command(sys.argv[1:], getattr(ckpt, "repo_id", None) or None)
     return plan
 
@@ -103,9 +140,9 @@ def card_command(argv: list[str], src_name: str | None = None) -> str:
             path_value = False
             out.append(Path(a).name)
             continue
-        if name == "--recipe":
+        if name in ("--recipe", "--calibrate"):  # a local file: its name only
             if "=" in a:
-                out.append("--recipe=" + Path(a.split("=", 1)[1]).name)
+                out.append(name + "=" + Path(a.split("=", 1)[1]).name)
             else:
                 out.append(a)
                 path_value = True
@@ -213,9 +250,11 @@ REVISION_HELP = "Hub source (SRC = org/name): the branch, tag or commit to conve
 @click.option("--tensors", is_flag=True, help="Also list every tensor with its action, shapes and output shard.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
 @click.option("--revision", default=None, help=REVISION_HELP)
-def inspect(src, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, tensors, as_json, revision):
+def inspect(src, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, activations, calibrate, calib_samples,
+            calib_seqlen, tensors, as_json, revision):
     """Show the plan for SRC: what happens to every tensor and the output size. Reads no tensor data."""
-    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, scale_search=scale_search)
+    plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, scale_search=scale_search,
+                      activations=activations, calibrate=calibrate, run_calibration=False)
     if as_json:
         click.echo(json.dumps(plan_json(plan), indent=1))
     else:
@@ -257,8 +296,9 @@ def inspect(src, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, t
 @click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="After converting, run `qstream eval` on this text (8192 tokens, 1024-token windows) and write "
                    "the figures into the model card. Needs a local SRC and the calibrate extra.")
-def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, dry_run, overwrite, resume, threads, quiet,
-            revision, low_disk, push_to_hub, private, push_revision, commit_message, base_model, skip_space_check,
+def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, activations, calibrate,
+            calib_samples, calib_seqlen, dry_run, overwrite, resume, threads, quiet, revision, low_disk, push_to_hub,
+            private, push_revision, commit_message, base_model, skip_space_check,
             eval_text):
     """Convert SRC (a checkpoint folder, or a Hub repo id like org/name) into DST (a new folder)."""
     from .convert import Executor
@@ -279,7 +319,8 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
     console = _console(quiet)
     download_dir = (Path(dst) / STAGING_DIR / DOWNLOADS).absolute() if low_disk else None
     plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, download_dir=download_dir,
-                      scale_search=scale_search)
+                      scale_search=scale_search, activations=activations, calibrate=calibrate,
+                      calib=(calib_samples, calib_seqlen), run_calibration=not dry_run)
     plan.base_model = base_model
     plan.serve_name = push_to_hub
     _, no_base = base_model_of(plan)

@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parent.parent / "qstream"
 DECLARED = {"safetensors", "numpy", "ml_dtypes", "huggingface_hub", "zstandard", "rich", "click", "numba",
             "llvmlite", "yaml"}  # yaml: pyyaml (the model card metadata); llvmlite: numba's own code generator, a required dependency of numba (kernels.py intrinsics)
 # the `calibrate` extra (pyproject.toml), imported only by the modules behind `qstream eval`
-OPTIONAL = {"torch": {"evaluate.py", "layerwise.py"}, "transformers": {"evaluate.py", "layerwise.py"}}
+OPTIONAL = {"torch": {"evaluate.py", "layerwise.py", "actstats.py"}, "transformers": {"evaluate.py", "layerwise.py", "actstats.py"}}
 
 
 def test_error_message_needs_no_undeclared_module(monkeypatch):

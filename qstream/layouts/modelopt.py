@@ -132,11 +132,12 @@ def apply_format(ops: list) -> None:
                 f"--format modelopt writes NVFP4-only checkpoints (quant_algo {QUANT_ALGO}), but {op.module} "
                 f"stays {op.module_scheme.replace(':', ' ')}; pass --attn bf16 to dequantize FP8 attention, or use "
                 "--format compressed-tensors.")
-        packed, scale, _ = op.outputs
+        packed, scale = op.outputs[:2]
         m = op.module
         op.outputs = [OutTensor(m + ".weight", "U8", packed.shape),
                       OutTensor(m + ".weight_scale", "F8_E4M3", scale.shape),
-                      OutTensor(m + ".weight_scale_2", "F32", ())]
+                      OutTensor(m + ".weight_scale_2", "F32", ())] + \
+            [OutTensor(m + ".input_scale", "F32", ()) for t in op.outputs[3:]]  # W4A4 (qstream/activations.py)
         op.reciprocal_global_scale = True  # weight_scale_2 = float32(1 / global scale), a multiplier
 
 
@@ -215,13 +216,13 @@ def quantization_config(ops: list) -> dict:
     unq, quantized = _unquantized_linears(ops)
     excludes = summarize_excludes(unq, quantized)
     check_excludes(excludes, quantized)
+    w4a4 = any(t.name.endswith(".input_scale") for op in ops for t in op.outputs)  # quant_algo NVFP4
+    group = {"weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": GROUP_SIZE},
+             "targets": ["Linear"]}
     return {
-        "config_groups": {"group_0": {
-            "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": GROUP_SIZE},
-            "targets": ["Linear"],
-        }},
+        "config_groups": {"group_0": {"input_activations": dict(group["weights"]), **group} if w4a4 else group},
         "ignore": excludes,
-        "quant_algo": QUANT_ALGO,
+        "quant_algo": "NVFP4" if w4a4 else QUANT_ALGO,
         "producer": dict(PRODUCER),
         "quant_method": "modelopt",
     }

@@ -20,7 +20,7 @@ from typing import Callable, ClassVar, Iterator
 import numpy as np
 
 from ..safetensors_io import DTYPES, TensorInfo, dtype_size
-from ..schemes import ATTN_SCHEMES, SCHEMES
+from ..schemes import ATTN_SCHEMES, SCHEMES, act_scales
 
 COPY_CHUNK = 64 << 20  # bytes per copy work item
 
@@ -243,6 +243,7 @@ class Quantize(Op):
 
     kind: ClassVar[str] = "quantize"
     reciprocal_global_scale: bool = False
+    input_amax: float | None = None  # NVFP4 W4A4: calibrated input absmax -> the layout's input scale (outputs[3])
 
     def items(self, ex, w) -> Items:
         scheme = SCHEMES[self.scheme]
@@ -253,6 +254,10 @@ class Quantize(Op):
         if gs is not None:
             g = np.float32(1) / gs if self.reciprocal_global_scale else gs
             w.pwrite(self.outputs[2].offset, np.asarray([g], dtype=np.float32))
+        if self.input_amax is not None:  # ModelOpt: input_scale, a multiplier; compressed-tensors: input_global_scale
+            a = act_scales.input_scale(self.input_amax) if self.reciprocal_global_scale else \
+                act_scales.input_global_scale(self.input_amax)
+            w.pwrite(self.outputs[3].offset, np.asarray([a], dtype=np.float32))
         k = ex.k
         search = ex.plan.options.scale_search  # "none": compressed-tensors' rounding
 

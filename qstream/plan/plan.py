@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, activations
 from ..sources.checkpoint import Checkpoint
 from ..errors import QStreamError
 from .ops import Cast, Copy, Dequantize, Fp8Encode, Op, OutShard, OutTensor, Quantize, Repack, Slice, View
@@ -41,9 +41,14 @@ class Options:
     max_shard_size: int = 5 * 10**9
     scale_search: str = "mse"  # none: compressed-tensors' rounding, byte for byte (README: "Scale search")
     format: str = "compressed-tensors"  # or "modelopt" (qstream/layouts/modelopt.py)
+    activations: str = "none"  # W4A4: none | mxfp4 | nvfp4 (qstream/activations.py)
+    input_amax: tuple[tuple[str, float], ...] = ()  # (module, calibrated input absmax), for nvfp4 activations
+    calibrate_label: str | None = None  # the calibration text's file name (the card)
 
     def key(self) -> dict:
-        return ({"format": self.format} if self.format != "compressed-tensors" else {}) | {
+        w4a4 = {"activations": self.activations, "input_amax": [list(p) for p in self.input_amax],
+                "calibrate": self.calibrate_label} if self.activations != "none" else {}
+        return ({"format": self.format} if self.format != "compressed-tensors" else {}) | w4a4 | {
             "mlp": self.mlp,
             "attn": self.attn,
             "ignore": list(self.ignore),
@@ -201,12 +206,15 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
 
     if opts.format not in modelopt.FORMATS:
         raise QStreamError(f"unknown output format {opts.format!r}; choose one of {', '.join(modelopt.FORMATS)}.")
+    activations.check(opts, ops)
+    activations.add_input_scales(ops, opts, scale_groups)
     if opts.format == "modelopt":
         modelopt.apply_format(ops)  # ModelOpt names: weight / weight_scale / weight_scale_2
     check_something_quantized(src, opts, ops, warnings)
     shards = _assign_shards(ops, opts.max_shard_size)
     warnings += oversized_tensors(ops, opts.max_shard_size) + runtime_warnings(family.name, ops)
     qconfig = modelopt.quantization_config(ops) if opts.format == "modelopt" else quantization_config(ops, src.config, family)
+    activations.apply_ct_config(qconfig if opts.format != "modelopt" else None, opts)
     return Plan(src, opts, family.name, ops, shards, scale_groups, qconfig, warnings)
 
 

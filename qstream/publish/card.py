@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from .. import __version__
+from .. import __version__, activations
 from ..plan.plan import Plan
 from ..schemes import ATTN_SCHEMES, FP4_DTYPE, SCHEMES
 
@@ -118,11 +118,11 @@ def _requirements(plan: Plan, fmts: list[str], moe: bool) -> list[str]:
     modelopt = plan.options.format == "modelopt"
     out = [f"Read from vLLM {VLLM_CHECKED}'s source (earlier versions were not checked):", ""]
     if modelopt:
-        out.append(f"- **ModelOpt W4A16_NVFP4**: vLLM {VLLM_CHECKED} or later (`modelopt_fp4`, chosen from config.json). "
+        out.append(f"- **ModelOpt {(plan.quantization_config or {}).get('quant_algo')}**: vLLM {VLLM_CHECKED} or later (`modelopt_fp4`, chosen from config.json). "
                    "GPUs of compute capability 7.5 or higher; the weights run through the FP4 Marlin GEMM with "
                    "BF16/FP16 activations on every GPU.")
     elif "nvfp4" in fmts:
-        out.append(f"- **NVFP4A16** (`nvfp4-pack-quantized`): vLLM {VLLM_CHECKED} or later. Compute capability 7.5 "
+        out.append(f"- **{'NVFP4' if plan.options.activations == 'nvfp4' else 'NVFP4A16'}** (`nvfp4-pack-quantized`): vLLM {VLLM_CHECKED} or later. Compute capability 7.5 "
                    "or higher. Native FP4 on Blackwell data-center GPUs (SM 10.0 / 10.3, e.g. B200, GB200, B300) "
                    "through FlashInfer's CuTe-DSL W4A16 kernel; on Turing, Ampere, Ada and Hopper (SM 7.5-9.0) "
                    "through the FP4 Marlin kernel (weights decoded in the kernel, BF16 math).")
@@ -136,6 +136,8 @@ def _requirements(plan: Plan, fmts: list[str], moe: bool) -> list[str]:
                    "Blackwell); below that vLLM's compressed-tensors loader runs it weight-only (W8A16 FP8 Marlin).")
     if not fmts:
         return ["None beyond the base model's: nothing was quantized."]
+    if activations.card_requirement(plan.options):
+        out.append(activations.card_requirement(plan.options))
     if moe and not modelopt:
         out += ["", "transformers 5.23 with compressed-tensors 0.20 cannot load per-expert FP4 MoE weights (it fuses "
                 "the experts on load); serve this model with vLLM."]
@@ -192,6 +194,8 @@ def model_card(plan: Plan, measured: dict | None = None) -> str:
         how = sorted({_kind(op).split(" (", 1)[1].rstrip(")") for op in ops})
         desc = SCHEMES[f].description if f in SCHEMES else " ".join(
             sorted({ATTN_SCHEMES[op.scheme].summary for op in ops if op.kind == "fp8"}))
+        if plan.options.activations != "none":  # W4A4: the activations line below says what they are
+            desc = desc.split(" Weight-only", 1)[0]
         what.append(f"- **{f.upper()}**, {', '.join(roles)} ({len(ops)} tensors; {', '.join(how)}): {desc}")
     kept_fp8 = [op for op in plan.ops if op.quantized and not op.converted]
     if kept_fp8:
@@ -202,6 +206,8 @@ def model_card(plan: Plan, measured: dict | None = None) -> str:
         what.append(f"- **FP8 dequantized to BF16** ({len(deq)} tensors, {', '.join(sorted({op.role for op in deq}))}).")
     if not what:
         what = ["- Nothing: every tensor is kept as in the source (`--mlp none`); this is a re-sharded copy."]
+    if activations.card_line(plan.options):  # W4A4 (qstream/activations.py)
+        what += ["", activations.card_line(plan.options)]
     if kept_roles:
         what += ["", f"Kept byte for byte as in the source: {', '.join(kept_roles)}."]
     sdt = src.config.get("dtype") or src.config.get("torch_dtype")
@@ -255,7 +261,9 @@ def model_card(plan: Plan, measured: dict | None = None) -> str:
         *_requirements(plan, fmts, moe), "",
         "## How it was made", "",
         "```", command, "```", "",
-        (MODELOPT_NOTE if modelopt else
+        (MODELOPT_NOTE.replace("weight-only NVFP4 checkpoint (`quant_algo: W4A16_NVFP4`", "NVFP4 W4A4 checkpoint "
+                               "(`quant_algo: NVFP4`, with `input_scale`") if modelopt and plan.options.activations
+         != "none" else MODELOPT_NOTE if modelopt else
          "The `quantization_config` in config.json is in the compressed-tensors format, which vLLM and "
          "transformers (with `compressed-tensors` installed) read directly." if fmts else
          "config.json has no `quantization_config`: this is a plain checkpoint."), "",

@@ -1,0 +1,231 @@
+"""W4A4 (``--activations``): configs as compressed-tensors' own presets and ModelOpt's export
+build them, input scales as compressed-tensors / ModelOpt compute them from the calibrated
+input absmax, outputs that load and run in transformers + compressed-tensors, bad
+combinations refused. (vLLM: tests/test_vllm.py's W4A4 variants.)"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_qstream
+from synth import llama_config, llama_tensors, write_checkpoint
+from test_convert import load_dir
+from qstream.convert import convert
+from qstream.errors import QStreamError
+from qstream.plan import Options, make_plan
+from qstream.source import open_checkpoint
+from qstream.verify import verify
+
+LAYERS = 2
+MLP = [f"model.layers.{i}.mlp.{p}" for i in range(LAYERS) for p in ("gate_proj", "up_proj", "down_proj")]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    cfg = llama_config(hidden=64, inter=128, layers=LAYERS)
+    return write_checkpoint(tmp_path_factory.mktemp("w4a4") / "src", cfg, llama_tensors(cfg), n_shards=2)
+
+
+@pytest.fixture(scope="module")
+def amax(src):
+    """The collector on the fixture (random token ids: it has no tokenizer)."""
+    from qstream.actstats import collect_input_amax
+
+    g = torch.Generator().manual_seed(0)
+    return collect_input_amax(src, [torch.randint(0, 256, (40,), generator=g) for _ in range(3)], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def outputs(src, amax, tmp_path_factory):
+    root = tmp_path_factory.mktemp("w4a4-out")
+    ck = open_checkpoint(src)
+    out = {}
+    for name, opts in {
+        "mxfp4": Options(mlp="mxfp4", activations="mxfp4"),
+        "nvfp4": Options(mlp="nvfp4", activations="nvfp4", input_amax=tuple(sorted(amax.items())), calibrate_label="t.txt"),
+        "nvfp4-modelopt": Options(mlp="nvfp4", activations="nvfp4", input_amax=tuple(sorted(amax.items())),
+                                  calibrate_label="t.txt", format="modelopt"),
+    }.items():
+        convert(make_plan(ck, opts), root / name)
+        out[name] = root / name
+    return out
+
+
+def qconfig(d):
+    return json.loads((d / "config.json").read_text())["quantization_config"]
+
+
+def test_collector_records_every_linear(amax):
+    """One input absmax per Linear of every layer; partners fed the same input agree."""
+    attn = [f"model.layers.{i}.self_attn.{p}" for i in range(LAYERS) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    assert set(amax) == set(MLP) | set(attn)
+    assert all(v > 0 and np.isfinite(v) for v in amax.values())
+    for i in range(LAYERS):
+        assert amax[f"model.layers.{i}.mlp.gate_proj"] == amax[f"model.layers.{i}.mlp.up_proj"]
+        assert amax[f"model.layers.{i}.self_attn.q_proj"] == amax[f"model.layers.{i}.self_attn.k_proj"]
+
+
+@pytest.mark.parametrize("name,preset", [("mxfp4", "MXFP4"), ("nvfp4", "NVFP4")])
+def test_config_is_the_compressed_tensors_preset(outputs, name, preset):
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    ref = preset_name_to_scheme(preset, ["Linear"])
+    qc = qconfig(outputs[name])
+    (g,) = qc["config_groups"].values()
+    assert g["weights"] == ref.weights.model_dump(mode="json")
+    assert g["input_activations"] == ref.input_activations.model_dump(mode="json")
+    assert g["format"] == f"{name}-pack-quantized" and qc["format"] == g["format"]
+
+
+def test_nvfp4_input_global_scale_is_compressed_tensors_gparam(outputs, amax):
+    """input_global_scale = CT generate_gparam(-amax, amax) (448 * 6 / amax, a divisor like
+    weight_global_scale), float32 [1], for every quantized Linear; fused gate/up share it."""
+    from compressed_tensors.quantization.utils.helpers import generate_gparam
+
+    t = load_dir(outputs["nvfp4"])
+    for m in MLP:
+        igs = t[m + ".input_global_scale"]
+        assert igs.dtype == torch.float32 and igs.shape == (1,)
+        a = torch.tensor([amax[m]], dtype=torch.float32)
+        assert torch.equal(igs, generate_gparam(-a, a)), m
+    assert not [k for k in t if k.endswith("input_global_scale") and ".self_attn." in k]
+    for i in range(LAYERS):
+        assert torch.equal(t[f"model.layers.{i}.mlp.gate_proj.input_global_scale"],
+                           t[f"model.layers.{i}.mlp.up_proj.input_global_scale"])
+
+
+def test_mxfp4_w4a4_has_no_activation_tensor_and_same_weights(outputs, src, tmp_path):
+    """Dynamic activations: the tensors are exactly --mlp mxfp4's (same bytes), only the config differs."""
+    convert(make_plan(open_checkpoint(src), Options(mlp="mxfp4")), tmp_path / "w")
+    a, b = load_dir(outputs["mxfp4"]), load_dir(tmp_path / "w")
+    assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    assert qconfig(tmp_path / "w")["config_groups"]["group_0"]["input_activations"] is None
+
+
+def test_modelopt_w4a4_layout(outputs, amax):
+    """ModelOpt quant_algo NVFP4: input_scale = amax / (6 * 448), float32 0-d (NVFP4QTensor.
+    get_activation_scaling_factor(...).squeeze()); configs as ModelOpt's export writes them."""
+    d = outputs["nvfp4-modelopt"]
+    t = load_dir(d)
+    for m in MLP:
+        s = t[m + ".input_scale"]
+        assert s.dtype == torch.float32 and s.shape == ()
+        assert s == torch.tensor(amax[m], dtype=torch.float32) / (6 * 448.0), m
+    hf = json.loads((d / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["quant_algo"] == "NVFP4" and hf["quantization"]["group_size"] == 16
+    qc = qconfig(d)
+    # ModelOpt 0.40 convert_hf_quant_config_format for quant_algo NVFP4 (checked against the
+    # library itself in test_against_modelopt_library when it is installed)
+    assert qc == {"config_groups": {"group_0": {
+        "input_activations": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16},
+        "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}, "targets": ["Linear"]}},
+        "ignore": hf["quantization"]["exclude_modules"], "quant_algo": "NVFP4", "producer": hf["producer"],
+        "quant_method": "modelopt"}
+    assert "quant_algo: NVFP4" in (d / "README.md").read_text()
+
+
+def test_against_modelopt_library(outputs):
+    """With nvidia-modelopt installed (not a test dependency: skipped otherwise): the configs are
+    what process_layer_quant_config + convert_hf_quant_config_format build for NVFP4 layers."""
+    pytest.importorskip("modelopt.torch.export")
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+    from modelopt.torch.export.quant_utils import process_layer_quant_config
+
+    d = outputs["nvfp4-modelopt"]
+    t = load_dir(d)
+    layers = {}
+    for m in sorted({k.rsplit(".", 1)[0] for k in t if k.endswith(".weight") and t[k].dim() == 2}):
+        if "embed_tokens" in m:
+            continue
+        q = m + ".input_scale" in t
+        layers[m + ".quantization"] = "nvfp4" if q else None
+        layers[m + ".awq_block_size"] = 16 if q else 0
+    hf = json.loads((d / "hf_quant_config.json").read_text())
+    quantization = process_layer_quant_config(layers)
+    quantization["kv_cache_quant_algo"] = None
+    assert {"producer": hf["producer"], "quantization": quantization} == hf
+    assert convert_hf_quant_config_format(hf) == qconfig(d)
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "nvfp4-modelopt"])
+def test_verify_accepts_w4a4(outputs, name):
+    r = verify(outputs[name])
+    assert r.ok, r.errors
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
+def test_loads_and_runs_in_transformers(outputs, name):
+    """transformers + compressed-tensors load the output (weights decoded by CT), and CT's own
+    activation QDQ on top changes the logits but keeps them finite."""
+    import smollm2
+    from w4a4_reference import attach_input_qdq
+
+    model = smollm2.load_causal_lm(outputs[name])
+    ids = torch.arange(1, 33).unsqueeze(0)
+    with torch.no_grad():
+        dense = model(ids).logits
+        assert attach_input_qdq(model, outputs[name]) == len(MLP)
+        w4a4 = model(ids).logits
+    assert torch.isfinite(w4a4).all() and not torch.equal(dense, w4a4)
+
+
+def test_same_bytes_whatever_threads(src, amax, outputs, tmp_path):
+    ck = open_checkpoint(src)
+    opts = Options(mlp="nvfp4", activations="nvfp4", input_amax=tuple(sorted(amax.items())), calibrate_label="t.txt")
+    convert(make_plan(ck, opts), tmp_path / "t1", threads=1)
+    for f in sorted(outputs["nvfp4"].glob("*.safetensors")):
+        assert (tmp_path / "t1" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_bad_combinations(src, amax):
+    ck = open_checkpoint(src)
+    a = tuple(sorted(amax.items()))
+    for opts, msg in [
+        (Options(mlp="nvfp4", activations="nvfp4"), "--calibrate FILE"),
+        (Options(mlp="mxfp4", activations="nvfp4", input_amax=a), "needs nvfp4 weights"),
+        (Options(mlp="nvfp4", activations="mxfp4"), "needs mxfp4 weights"),
+        (Options(mlp="none", activations="mxfp4"), "nothing to quantize"),
+        (Options(mlp="mxfp4", activations="mxfp4", format="modelopt"), "ModelOpt"),
+        (Options(mlp="nvfp4", input_amax=a), "--activations is none"),
+        (Options(mlp="nvfp4", activations="nvfp4", input_amax=a[:1]), "recorded no input of"),
+    ]:
+        with pytest.raises(QStreamError, match=msg):
+            make_plan(ck, opts)
+
+
+def test_cli(src, tmp_path):
+    """The flag through the CLI: W4A4 MXFP4 needs no data; NVFP4 without --calibrate and
+    --calibrate without NVFP4 activations are one clear sentence, exit 2, nothing written."""
+    p = run_qstream("convert", src, tmp_path / "mx", "--mlp", "mxfp4", "--activations", "mxfp4", "-q", check=True)
+    assert qconfig(tmp_path / "mx")["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
+    card = (tmp_path / "mx" / "README.md").read_text()
+    assert "--activations mxfp4" in card and "W4A4" in card
+    p = run_qstream("convert", src, tmp_path / "nv", "--mlp", "nvfp4", "--activations", "nvfp4")
+    assert p.returncode == 2 and "--calibrate FILE" in p.stderr and not (tmp_path / "nv").exists()
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    p = run_qstream("convert", src, tmp_path / "c", "--mlp", "nvfp4", "--calibrate", text)
+    assert p.returncode == 2 and "--activations nvfp4" in p.stderr and not (tmp_path / "c").exists()
+
+
+def test_default_options_unchanged():
+    """Weight-only runs keep their plan identity (resume fingerprints, golden hashes)."""
+    assert "activations" not in Options().key() and "input_amax" not in Options().key()
+
+
+def test_moe_experts_without_statistics_are_refused(tmp_path):
+    """Per-expert input statistics are not collected for fused experts: NVFP4 W4A4 of a MoE
+    names the expert and the ways out, before any tensor is written."""
+    from synth import mixtral_config, mixtral_tensors
+
+    cfg = mixtral_config()
+    src = write_checkpoint(tmp_path / "mixtral", cfg, mixtral_tensors(cfg), n_shards=1)
+    opts = Options(mlp="nvfp4", activations="nvfp4", input_amax=(("model.layers.0.self_attn.q_proj", 1.0),))
+    with pytest.raises(QStreamError, match=r"experts\.0\..*--activations mxfp4"):
+        make_plan(open_checkpoint(src), opts)
+    assert make_plan(open_checkpoint(src), Options(mlp="mxfp4", activations="mxfp4")).quantization_config[
+        "config_groups"]["group_0"]["input_activations"]["dynamic"] is True
