@@ -76,7 +76,7 @@ def check(opts, ops: list) -> None:
 
 def add_input_scales(ops: list, opts, scale_groups: dict[str, list[str]]) -> None:
     """NVFP4 W4A4: one ``input_global_scale`` output per quantized Linear (renamed
-    ``input_scale`` by :func:`qstream.modelopt.apply_format`)."""
+    ``input_scale`` by :func:`qstream.layouts.modelopt.apply_format`)."""
     if opts.activations != "nvfp4":
         return
     amax = dict(opts.input_amax)

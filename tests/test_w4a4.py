@@ -16,9 +16,9 @@ from synth import llama_config, llama_tensors, write_checkpoint
 from test_convert import load_dir
 from qstream.convert import convert
 from qstream.errors import QStreamError
-from qstream.plan import Options, make_plan
-from qstream.source import open_checkpoint
-from qstream.verify import verify
+from qstream.plan.plan import Options, make_plan
+from qstream.sources.source import open_checkpoint
+from qstream.verify.verify import verify
 
 LAYERS = 2
 MLP = [f"model.layers.{i}.mlp.{p}" for i in range(LAYERS) for p in ("gate_proj", "up_proj", "down_proj")]
