@@ -66,10 +66,10 @@ def plan_options(f):
 def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, max_shard_size: str,
                attn: str = "keep", fmt: str = "compressed-tensors",
                revision: str | None = None, download_dir: Path | None = None,
-               scale_search: str = Options.scale_search) -> Plan:
+               scale_search: str = Options.scale_search, calibration: str | None = None) -> Plan:
     ckpt = open_checkpoint(src, revision=revision, download_dir=download_dir)
     opts = Options(mlp=mlp, attn=attn, ignore=tuple(ignore), recipe=recipe, max_shard_size=parse_size(max_shard_size),
-                   format=fmt, scale_search=scale_search)
+                   format=fmt, scale_search=scale_search, calibration=calibration)
     plan = make_plan(ckpt, opts)
     plan.command = card_command(sys.argv[1:], getattr(ckpt, "repo_id", None) or None)
     return plan
@@ -257,9 +257,17 @@ def inspect(src, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, t
 @click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="After converting, run `qstream eval` on this text (8192 tokens, 1024-token windows) and write "
                    "the figures into the model card. Needs a local SRC and the calibrate extra.")
+@click.option("--calibrate", "calib_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="GPTQ every FP4 Linear, calibrated on this UTF-8 text (or .jsonl with a 'text' field) tokenized "
+                   "with the source's tokenizer, one decoder layer at a time (CUDA when present); each group's scale "
+                   "by --scale-search on the error-updated weights. Needs a local SRC and the calibrate extra.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=None,
+              help="--calibrate: number of token windows (default 128).")
+@click.option("--calib-seqlen", type=click.IntRange(min=2), default=None,
+              help="--calibrate: tokens per window (default 512).")
 def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, dry_run, overwrite, resume, threads, quiet,
             revision, low_disk, push_to_hub, private, push_revision, commit_message, base_model, skip_space_check,
-            eval_text):
+            eval_text, calib_file, calib_samples, calib_seqlen):
     """Convert SRC (a checkpoint folder, or a Hub repo id like org/name) into DST (a new folder)."""
     from .convert import Executor
     from .hub import DOWNLOADS, DiskMeter, HubHooks, HubPusher, push_resumable, source_label
@@ -277,8 +285,11 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
                                "the eval could run); run `qstream eval` and push afterwards.")
     console = _console(quiet)
     download_dir = (Path(dst) / STAGING_DIR / DOWNLOADS).absolute() if low_disk else None
+    calib = _calibration_tokens(src, calib_file, calib_samples, calib_seqlen)  # None without --calibrate
     plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, download_dir=download_dir,
-                      scale_search=scale_search)
+                      scale_search=scale_search, calibration=calib[1] if calib else None)
+    if calib and not calib[0].calibrated_ops(plan):
+        raise click.UsageError("--calibrate: the plan quantizes no Linear to FP4 (e.g. --mlp none); nothing to calibrate.")
     plan.base_model = base_model
     plan.serve_name = push_to_hub
     _, no_base = base_model_of(plan)
@@ -309,7 +320,11 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
     hooks = HubHooks(plan, dstp, low_disk=low_disk, pusher=pusher, meter=meter)
     progress, done = make_progress(console, quiet)
     try:
-        result = Executor(plan, dstp, threads=threads, resume=resume, hooks=hooks).run(progress)
+        cal = calib[0].calibrate(plan, dstp, calib[2], resume=resume, on_layer=lambda i, n: quiet or console.print(
+            f"calibration: decoder layer {i + 1}/{n} quantized (GPTQ)")) if calib else None
+        result = Executor(plan, dstp, threads=threads, resume=resume, hooks=hooks, calibrated=cal).run(progress)
+        if cal is not None:
+            cal.cleanup()
     except KeyboardInterrupt:
         done()
         again = "the same command" if push_to_hub else "the same command with --resume"
@@ -368,6 +383,23 @@ def verify(dst, source, as_json, top, max_rel_error, threads):
         print_report(report, _console(False), err, top)
     if not report.ok:
         sys.exit(1)
+
+
+def _calibration_tokens(src: str, path: str | None, samples: int | None, seqlen: int | None):
+    """(the calibrate module, the tokens' identity, [samples, seqlen] ids) for --calibrate, else None."""
+    if path is None:
+        if samples is not None or seqlen is not None:
+            raise click.UsageError("--calib-samples and --calib-seqlen need --calibrate FILE.")
+        return None
+    if not Path(src).is_dir():
+        raise click.UsageError("--calibrate needs a local SRC folder (its tokenizer and layers are read from it).")
+    try:
+        from . import calibrate
+    except ImportError as e:
+        raise QStreamError(f"--calibrate needs torch and transformers ({e}); install them with "
+                           "pip install 'qstream-convert[calibrate]'.") from e
+    ids = calibrate.calibration_ids(src, path, samples or calibrate.DEFAULT_SAMPLES, seqlen or calibrate.DEFAULT_SEQLEN)
+    return calibrate, calibrate.calibration_key(ids), ids
 
 
 def _eval_into_card(dst: Path, src: str, text: str, console: Console) -> None:

@@ -66,7 +66,6 @@ def _kernels():
             warnings.warn("numba is not installed: qstream runs its numpy reference kernels (same bytes, "
                           "much slower); pip install numba for the fused kernels.", RuntimeWarning, stacklevel=2)
     from types import SimpleNamespace
-
     from .schemes import reference
     return SimpleNamespace(absmax=reference.tensor_absmax, quantize_nvfp4=reference.quantize_nvfp4,
                            quantize_mxfp4=reference.quantize_mxfp4)
@@ -96,7 +95,6 @@ class Hooks:
     """
 
     def fetch(self, path: Path) -> None: ...
-
     def release(self, path: Path) -> None: ...
 
     def before_shard(self, index: int) -> None:
@@ -104,7 +102,6 @@ class Hooks:
         may block (e.g. until earlier shards are uploaded) to bound disk use."""
 
     def shard_done(self, path: Path) -> None: ...
-
     def finished(self, dst: Path) -> None: ...
 
 
@@ -127,8 +124,9 @@ def _rows_per_block(info: TensorInfo, block_bytes: int) -> int:
 
 class Executor:
     def __init__(self, plan: Plan, dst: Path, *, threads: int | None = None, block_bytes: int = BLOCK_BYTES,
-                 hooks: Hooks | None = None, resume: bool = False, hold_bytes: int = HOLD_BYTES) -> None:
+                 hooks: Hooks | None = None, resume: bool = False, hold_bytes: int = HOLD_BYTES, calibrated=None) -> None:
         self.plan = plan
+        self.calibrated = calibrated  # calibrate.CalibratedWeights: GPTQ codes and scales to write (--calibrate)
         self.dst = dst
         self.threads = max(1, threads or os.cpu_count() or 1)
         self.block_bytes = block_bytes
@@ -370,12 +368,15 @@ class Executor:
             w.pwrite(op.outputs[2].offset, np.asarray([g], dtype=np.float32))
         k = self.k
         search = self.plan.options.scale_search  # "none": compressed-tensors' rounding
+        cal = self.calibrated.get(op, gs) if self.calibrated is not None else None
 
         def block(r0: int, r1: int) -> None:
             x = self.take_rows(op, r0, r1) if gs is not None else self.read_float(op, r0, r1)
             if not math.isfinite(float(k.absmax(x))):
                 raise self._nonfinite(op)
-            if gs is not None:
+            if cal is not None:  # the calibration pass's GPTQ codes and scales
+                packed, scale = np.ascontiguousarray(cal[0][r0:r1]), np.ascontiguousarray(cal[1][r0:r1])
+            elif gs is not None:
                 packed, scale = k.quantize_nvfp4(x, gs, search=search)
             else:
                 packed, scale = k.quantize_mxfp4(x, search=search)
@@ -437,7 +438,6 @@ class Executor:
                     items = list(self._items(op, current))
                     remaining = [len(items)]
                     lock = threading.Lock()
-
                     failed = [False]
 
                     def item_done(_f, op=op, remaining=remaining, lock=lock, failed=failed):

@@ -38,9 +38,11 @@ class Options:
     max_shard_size: int = 5 * 10**9
     scale_search: str = "mse"  # none: compressed-tensors' rounding, byte for byte (README: "Scale search")
     format: str = "compressed-tensors"  # or "modelopt" (qstream/modelopt.py)
+    calibration: str | None = None  # --calibrate: identity of the calibration tokens (qstream/calibrate.py)
 
     def key(self) -> dict:
-        return ({"format": self.format} if self.format != "compressed-tensors" else {}) | {
+        return ({"format": self.format} if self.format != "compressed-tensors" else {}) | (
+            {"calibration": self.calibration} if self.calibration else {}) | {
             "mlp": self.mlp,
             "attn": self.attn,
             "ignore": list(self.ignore),
