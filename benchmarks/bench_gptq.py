@@ -56,7 +56,8 @@ def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     secs = time.perf_counter() - t0
     err = p.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{err[-3000:]}")
+        print(f"{' '.join(cmd[:4])} ... failed:\n{err[-3000:]}", flush=True)
+        return secs, -1
     return secs, ru.ru_maxrss * 1024
 
 
@@ -106,6 +107,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--schemes", nargs="+", default=["nvfp4", "mxfp4"])
     ap.add_argument("--extra", nargs="*", default=[], help="extra qstream runs: SCHEME:SEARCH (GPTQ with that search)")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for both tools' processes (default: torch's own choice)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     import smollm2
@@ -120,6 +123,8 @@ def main() -> None:
     ids_path = args.work / "calib_ids.pt"
     torch.save(ids, ids_path)
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
     qs = [sys.executable, "-m", "qstream", "convert", str(src)]
     calib = ["--calibrate", str(CALIB), "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
     runs = []  # (label, tool, scheme, how, cmd)
@@ -134,31 +139,39 @@ def main() -> None:
         scheme, search = extra.split(":")
         runs.append((f"q-{scheme}-gptq-{search}", "qstream", scheme, f"--calibrate (GPTQ), --scale-search {search}",
                      qs + [None, "--mlp", scheme, "--scale-search", search] + calib))
-    rows, outs = [], {}
-    for label, tool, scheme, how, cmd in runs:
-        dst = args.work / label
-        shutil.rmtree(dst, ignore_errors=True)
-        cmd = [str(dst) if c is None else c for c in cmd] + (["-q"] if tool == "qstream" else [])
-        secs, rss = run_timed(cmd, env)
-        print(f"[{label}] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB", flush=True)
-        rows.append({"label": label, "tool": tool, "scheme": scheme, "how": how, "seconds": secs, "rss": rss})
-        outs[label] = dst
     eval_ids = tokenize(src, read_text(EVAL), args.eval_tokens)
-    t0 = time.perf_counter()
-    kl = multi_eval(src, outs, eval_ids, args.ctx)
-    print(f"eval: {time.perf_counter() - t0:.0f} s", flush=True)
-    for r in rows:
-        r.update(kl[r["label"]])
-        print(json.dumps(r), flush=True)
-    if args.out:
-        write_results(args, rows)
+    rows = []
+    for scheme in dict.fromkeys(r[2] for r in runs):  # one scheme at a time: results written after each
+        outs, new = {}, []
+        for label, tool, sch, how, cmd in runs:
+            if sch != scheme:
+                continue
+            dst = args.work / label
+            shutil.rmtree(dst, ignore_errors=True)
+            cmd = [str(dst) if c is None else c for c in cmd] + (["-q"] if tool == "qstream" else [])
+            secs, rss = run_timed(cmd, env)
+            print(f"[{label}] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB", flush=True)
+            if rss < 0:
+                continue
+            new.append({"label": label, "tool": tool, "scheme": scheme, "how": how, "seconds": secs, "rss": rss})
+            outs[label] = dst
+        t0 = time.perf_counter()
+        kl = multi_eval(src, outs, eval_ids, args.ctx)
+        print(f"eval: {time.perf_counter() - t0:.0f} s", flush=True)
+        for r in new:
+            r.update(kl[r["label"]])
+            print(json.dumps(r), flush=True)
+        rows += new
+        if args.out:
+            write_results(args, rows)
 
 
 def write_results(args, rows: list[dict]) -> None:
     cpu = platform.processor() or platform.machine()
     lines = ["# GPTQ: qstream `convert --calibrate` vs llm-compressor `oneshot` + `GPTQModifier`", "",
              f"Recorded by `benchmarks/bench_gptq.py` on {os.cpu_count()} CPU cores ({cpu}), CPU only, "
-             "one run, every row side by side.", "",
+             "one run, every row side by side"
+             + (f", both tools with OMP_NUM_THREADS={args.torch_threads}" if args.torch_threads else "") + ".", "",
              "SmolLM2-135M-Instruct (BF16, `tests/smollm2.py`), MLP linears only (attention, embeddings and "
              f"lm_head kept BF16). Calibration: the same {args.samples} x {args.seqlen} SmolLM2 tokens of "
              "tests/data/pride_and_prejudice.txt for both tools. Scored on the first "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -453,7 +454,7 @@ def run() -> None:
     try:
         main(standalone_mode=False)
     except QStreamError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[calibrate]" is no markup
         sys.exit(2)
     except click.exceptions.Abort:
         err.print("interrupted")

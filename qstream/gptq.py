@@ -10,7 +10,9 @@ Frantar et al., "GPTQ", 2022), without act-order:
   ``(w - q) / Hinv_ii`` spread over the columns not yet quantized (inside the block at once,
   after the block by one matrix product);
 * a group's scale is chosen when its first column is reached, from the CURRENT (error-
-  updated) weights of its columns.
+  updated) weights of its columns (the GPTQ paper's non-static groups; llm-compressor 0.14
+  instead takes its observer's scales of the ORIGINAL weights before the loop, see its
+  ``quantize_weight(weights, hessians, scale, ...)``).
 
 What differs from llm-compressor is the scale choice and the grid code: a group's scale is
 qstream's (:func:`qstream.schemes.reference.quantize_nvfp4` / ``quantize_mxfp4`` on the
