@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -65,13 +66,15 @@ def plan_options(f):
                      help="Quantize the FP4 Linears' activations too (W4A4). none: weight-only; mxfp4 (with --mlp "
                           "mxfp4): dynamic E8M0 scales per 32 inputs, no data needed; nvfp4 (with --mlp nvfp4): "
                           "static per-layer input global scales from --calibrate.")(f)
-    f = click.option("--calibrate", "calibrate", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="UTF-8 text (or .jsonl with a 'text' field) for the input statistics of --activations "
-                          "nvfp4, tokenized with the source's tokenizer. Needs a local SRC and the calibrate extra.")(f)
-    f = click.option("--calib-samples", type=click.IntRange(min=1), default=512, show_default=True,
-                     help="With --calibrate: at most N samples (llm-compressor's example default).")(f)
-    f = click.option("--calib-seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
-                     help="With --calibrate: tokens per sample (llm-compressor's example default).")(f)
+    f = click.option("--calibrate", "calibrate", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="GPTQ every FP4 Linear, calibrated on this UTF-8 text (or .jsonl with a 'text' field) "
+                          "tokenized with the source's tokenizer, one decoder layer at a time (CUDA when present); "
+                          "each group's scale by --scale-search on the error-updated weights. With --activations "
+                          "nvfp4 it also gives the static input scales. Needs a local SRC and the calibrate extra.")(f)
+    f = click.option("--calib-samples", type=click.IntRange(min=1), default=None,
+                     help="--calibrate: number of token windows (default 128).")(f)
+    f = click.option("--calib-seqlen", type=click.IntRange(min=2), default=None,
+                     help="--calibrate: tokens per window (default 512).")(f)
     return f
 
 
@@ -79,11 +82,8 @@ def _calibrated(ckpt, opts: Options, calibrate: str | None, samples: int, seqlen
     """Options with the calibrated input absmax of every Linear (qstream/actstats.py)."""
     import dataclasses
 
-    if calibrate is None:
+    if calibrate is None or opts.activations != "nvfp4":
         return opts
-    if opts.activations != "nvfp4":
-        raise QStreamError("--calibrate records activation statistics for --activations nvfp4; pass it, or drop "
-                           "--calibrate.")
     if getattr(ckpt, "repo_id", None) or not Path(ckpt.root).is_dir():
         raise QStreamError("--calibrate needs a local SRC folder (the calibration runs the source layer by layer); "
                            "download it first.")
@@ -100,14 +100,16 @@ def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, 
                attn: str = "keep", fmt: str = "compressed-tensors",
                revision: str | None = None, download_dir: Path | None = None,
                scale_search: str = Options.scale_search, activations: str = "none", calibrate: str | None = None,
-               calib: tuple[int, int] = (512, 2048), run_calibration: bool = True) -> Plan:
+               calib: tuple[int | None, int | None] = (None, None), run_calibration: bool = True,
+               calibration: str | None = None) -> Plan:
     ckpt = open_checkpoint(src, revision=revision, download_dir=download_dir)
     opts = Options(mlp=mlp, attn=attn, ignore=tuple(ignore), recipe=recipe, max_shard_size=parse_size(max_shard_size),
                    format=fmt, scale_search=scale_search, activations=activations,
-                   calibrate_label=Path(calibrate).name if calibrate else None)
+                   calibrate_label=Path(calibrate).name if calibrate else None, calibration=calibration)
     plan = make_plan(ckpt, opts)  # every check before the calibration pass; W4A4 scales after it
-    if calibrate is not None and run_calibration:
-        plan = make_plan(ckpt, _calibrated(ckpt, opts, calibrate, *calib))
+    if calibrate is not None and run_calibration and activations == "nvfp4":
+        samples, seqlen = calib
+        plan = make_plan(ckpt, _calibrated(ckpt, opts, calibrate, samples or 128, seqlen or 512))
     plan.command = card_command(sys.argv[1:], getattr(ckpt, "repo_id", None) or None)
     return plan
 
@@ -318,9 +320,13 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
                                "the eval could run); run `qstream eval` and push afterwards.")
     console = _console(quiet)
     download_dir = (Path(dst) / STAGING_DIR / DOWNLOADS).absolute() if low_disk else None
+    calib = _calibration_tokens(src, calibrate, calib_samples, calib_seqlen)  # None without --calibrate
     plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, download_dir=download_dir,
                       scale_search=scale_search, activations=activations, calibrate=calibrate,
-                      calib=(calib_samples, calib_seqlen), run_calibration=not dry_run)
+                      calib=(calib_samples, calib_seqlen), run_calibration=not dry_run,
+                      calibration=calib[1] if calib else None)
+    if calib and not calib[0].calibrated_ops(plan):
+        raise click.UsageError("--calibrate: the plan quantizes no Linear to FP4 (e.g. --mlp none); nothing to calibrate.")
     plan.base_model = base_model
     plan.serve_name = push_to_hub
     _, no_base = base_model_of(plan)
@@ -351,7 +357,11 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
     hooks = HubHooks(plan, dstp, low_disk=low_disk, pusher=pusher, meter=meter)
     progress, done = make_progress(console, quiet)
     try:
-        result = Executor(plan, dstp, threads=threads, resume=resume, hooks=hooks).run(progress)
+        cal = calib[0].calibrate(plan, dstp, calib[2], resume=resume, on_layer=lambda i, n: quiet or console.print(
+            f"calibration: decoder layer {i + 1}/{n} quantized (GPTQ)")) if calib else None
+        result = Executor(plan, dstp, threads=threads, resume=resume, hooks=hooks, calibrated=cal).run(progress)
+        if cal is not None:
+            cal.cleanup()
     except KeyboardInterrupt:
         done()
         again = "the same command" if push_to_hub else "the same command with --resume"
@@ -412,6 +422,23 @@ def verify(dst, source, as_json, top, max_rel_error, threads):
         sys.exit(1)
 
 
+def _calibration_tokens(src: str, path: str | None, samples: int | None, seqlen: int | None):
+    """(the calibrate module, the tokens' identity, [samples, seqlen] ids) for --calibrate, else None."""
+    if path is None:
+        if samples is not None or seqlen is not None:
+            raise click.UsageError("--calib-samples and --calib-seqlen need --calibrate FILE.")
+        return None
+    if not Path(src).is_dir():
+        raise click.UsageError("--calibrate needs a local SRC folder (its tokenizer and layers are read from it).")
+    try:
+        from . import calibrate
+    except ImportError as e:
+        raise QStreamError(f"--calibrate needs torch and transformers ({e}); install them with "
+                           "pip install 'qstream-convert[calibrate]'.") from e
+    ids = calibrate.calibration_ids(src, path, samples or calibrate.DEFAULT_SAMPLES, seqlen or calibrate.DEFAULT_SEQLEN)
+    return calibrate, calibrate.calibration_key(ids), ids
+
+
 def _eval_into_card(dst: Path, src: str, text: str, console: Console) -> None:
     try:
         from .evaluate import evaluate_text, print_result, write_card_section
@@ -463,7 +490,7 @@ def run() -> None:
     try:
         main(standalone_mode=False)
     except QStreamError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[calibrate]" is no markup
         sys.exit(2)
     except click.exceptions.Abort:
         err.print("interrupted")

@@ -126,8 +126,9 @@ def _rows_per_block(info: TensorInfo, block_bytes: int) -> int:
 
 class Executor:
     def __init__(self, plan: Plan, dst: Path, *, threads: int | None = None, block_bytes: int = BLOCK_BYTES,
-                 hooks: Hooks | None = None, resume: bool = False, hold_bytes: int = HOLD_BYTES) -> None:
+                 hooks: Hooks | None = None, resume: bool = False, hold_bytes: int = HOLD_BYTES, calibrated=None) -> None:
         self.plan = plan
+        self.calibrated = calibrated  # calibrate.CalibratedWeights: GPTQ codes and scales to write (--calibrate)
         self.dst = dst
         self.threads = max(1, threads or os.cpu_count() or 1)
         self.block_bytes = block_bytes

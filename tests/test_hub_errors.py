@@ -14,8 +14,9 @@ from qstream.errors import QStreamError
 PKG = Path(__file__).resolve().parent.parent / "qstream"
 DECLARED = {"safetensors", "numpy", "ml_dtypes", "huggingface_hub", "zstandard", "rich", "click", "numba",
             "llvmlite", "yaml"}  # yaml: pyyaml (the model card metadata); llvmlite: numba's own code generator, a required dependency of numba (kernels.py intrinsics)
-# the `calibrate` extra (pyproject.toml), imported only by the modules behind `qstream eval`
-OPTIONAL = {"torch": {"evaluate.py", "layerwise.py", "actstats.py"}, "transformers": {"evaluate.py", "layerwise.py", "actstats.py"}}
+# the `calibrate` extra (pyproject.toml), imported only by the modules behind `qstream eval` and `--calibrate`
+_CALIBRATE = {"evaluate.py", "layerwise.py", "calibrate.py", "gptq.py", "actstats.py"}
+OPTIONAL = {"torch": _CALIBRATE, "transformers": _CALIBRATE}
 
 
 def test_error_message_needs_no_undeclared_module(monkeypatch):

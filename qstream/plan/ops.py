@@ -260,12 +260,16 @@ class Quantize(Op):
             w.pwrite(self.outputs[3].offset, np.asarray([a], dtype=np.float32))
         k = ex.k
         search = ex.plan.options.scale_search  # "none": compressed-tensors' rounding
+        cal = ex.calibrated.get(self, gs) if ex.calibrated is not None else None  # --calibrate: GPTQ's codes
 
         def block(r0: int, r1: int) -> None:
             x = ex.take_rows(self, r0, r1) if gs is not None else ex.read_float(self, r0, r1)
             if not math.isfinite(float(k.absmax(x))):
                 raise ex._nonfinite(self)
-            packed, scale = scheme.quantize(k, x, gs, search)
+            if cal is not None:  # the calibration pass's GPTQ codes and scales
+                packed, scale = np.ascontiguousarray(cal[0][r0:r1]), np.ascontiguousarray(cal[1][r0:r1])
+            else:
+                packed, scale = scheme.quantize(k, x, gs, search)
             ex._measure_fp4(self, r0, x, packed, scale, gs)
             w.pwrite(packed_t.offset + r0 * (cols // 2), packed)
             w.pwrite(scale_t.offset + r0 * groups, scale)

@@ -44,11 +44,13 @@ class Options:
     activations: str = "none"  # W4A4: none | mxfp4 | nvfp4 (qstream/activations.py)
     input_amax: tuple[tuple[str, float], ...] = ()  # (module, calibrated input absmax), for nvfp4 activations
     calibrate_label: str | None = None  # the calibration text's file name (the card)
+    calibration: str | None = None  # --calibrate: identity of the calibration tokens (qstream/calibrate.py)
 
     def key(self) -> dict:
         w4a4 = {"activations": self.activations, "input_amax": [list(p) for p in self.input_amax],
                 "calibrate": self.calibrate_label} if self.activations != "none" else {}
-        return ({"format": self.format} if self.format != "compressed-tensors" else {}) | w4a4 | {
+        return ({"format": self.format} if self.format != "compressed-tensors" else {}) | w4a4 | (
+            {"calibration": self.calibration} if self.calibration else {}) | {
             "mlp": self.mlp,
             "attn": self.attn,
             "ignore": list(self.ignore),

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""qstream `convert --calibrate` (GPTQ, one decoder layer at a time) vs llm-compressor's
+`oneshot` + `GPTQModifier`, on SmolLM2-135M, MLP linears only, side by side in one run.
+
+Both tools calibrate on the SAME token windows (the first N x L SmolLM2 tokens of
+tests/data/pride_and_prejudice.txt, no special tokens) and are scored on a text neither saw
+(tests/data/alice_in_wonderland.txt): full-vocabulary KL(BF16 || quantized) per position, in
+nats, every output decoded as compressed-tensors decodes it (qstream's layer-by-layer eval
+engine, the BF16 source run once next to all the outputs). Wall time and peak RSS are those of
+each conversion process (wait4 ru_maxrss).
+
+    python benchmarks/bench_llmcompressor.py --setup /tmp/lcvenv   # once: llmcompressor 0.14.0.1
+    python benchmarks/bench_gptq.py --lc-venv /tmp/lcvenv --out benchmarks/RESULTS-gptq.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO))
+CALIB = REPO / "tests" / "data" / "pride_and_prejudice.txt"
+EVAL = REPO / "tests" / "data" / "alice_in_wonderland.txt"
+LC_SCHEME = {"nvfp4": "NVFP4A16", "mxfp4": "MXFP4A16"}
+
+LC_SCRIPT = r"""
+import sys, torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.gptq import GPTQModifier
+src, dst, scheme, ids_path = sys.argv[1:5]
+ids = torch.load(ids_path)
+ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+recipe = GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head", "re:.*self_attn.*"])
+oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0])
+model.save_pretrained(dst, save_compressed=True)
+"""
+
+
+def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of a child process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, ru = os.wait4(p.pid, 0)
+    secs = time.perf_counter() - t0
+    err = p.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        print(f"{' '.join(cmd[:4])} ... failed:\n{err[-3000:]}", flush=True)
+        return secs, -1
+    return secs, ru.ru_maxrss * 1024
+
+
+def multi_eval(src: Path, outs: dict[str, Path], ids, ctx: int) -> dict[str, float]:
+    """KL mean of each output against src: the source run once, all sides one layer at a time."""
+    import torch
+
+    from qstream.evaluate import score, windows
+    from qstream.layerwise import Skeleton, WeightStore, read_config, run_layer
+
+    dev = torch.device("cpu")
+    wins = windows(ids, ctx)
+    stores = [WeightStore(src)] + [WeightStore(p) for p in outs.values()]
+    sk = Skeleton.build(read_config(src), set(stores[0].tensors))
+    with torch.inference_mode():
+        hs = [[sk.embed(w, st, dev) for w in wins] for st in stores]
+        calls = [sk.layer_inputs(h) for h in hs[0]]
+        for L in range(sk.num_layers):
+            for s, st in enumerate(stores):
+                layer = sk.layer(L, st, dev)
+                hs[s] = [run_layer(layer, h, calls[k][L]) for k, h in enumerate(hs[s])]
+                del layer
+        heads = []
+        for s, st in enumerate(stores):
+            norm = sk.materialize(sk.decoder.norm, f"{sk.prefix}.norm", st, dev)
+            hs[s] = [norm(h) for h in hs[s]]
+            name = sk.head if sk.head in st or not sk.tied else sk.tied
+            heads.append(st.tensor(name, sk.dtype, dev))
+        res = {}
+        for s, label in enumerate(outs, 1):
+            r = score(wins, hs[0], hs[s], heads[0], heads[s])
+            res[label] = {"kl": r.kld_mean, "ppl": r.ppl_output, "ppl_src": r.ppl_source, "top1": r.top1_agree,
+                          "tokens": r.tokens}
+    for st in stores:
+        st.close()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lc-venv", type=Path, default=Path("/tmp/lcvenv"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qbench-gptq"))
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("QSTREAM_TEST_CACHE", REPO / ".cache")))
+    ap.add_argument("--samples", type=int, default=26)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--schemes", nargs="+", default=["nvfp4", "mxfp4"])
+    ap.add_argument("--extra", nargs="*", default=[], help="extra qstream runs: SCHEME:SEARCH (GPTQ with that search)")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for both tools' processes (default: torch's own choice)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    import smollm2
+    import torch
+
+    from qstream.calibrate import calibration_ids
+    from qstream.evaluate import read_text, tokenize
+
+    src = smollm2.cached_checkpoint(args.cache)
+    args.work.mkdir(parents=True, exist_ok=True)
+    ids = calibration_ids(src, CALIB, args.samples, args.seqlen)
+    ids_path = args.work / "calib_ids.pt"
+    torch.save(ids, ids_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
+    qs = [sys.executable, "-m", "qstream", "convert", str(src)]
+    calib = ["--calibrate", str(CALIB), "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
+    runs = []  # (label, tool, scheme, how, cmd)
+    for scheme in args.schemes:
+        runs.append((f"q-{scheme}-free", "qstream", scheme, "data-free, --scale-search mse", qs + [None, "--mlp", scheme]))
+        runs.append((f"lc-{scheme}-gptq", "llm-compressor", scheme, "oneshot + GPTQModifier",
+                     [str(args.lc_venv / "bin" / "python"), "-c", LC_SCRIPT, str(src), None, LC_SCHEME[scheme],
+                      str(ids_path)]))
+        runs.append((f"q-{scheme}-gptq", "qstream", scheme, "--calibrate (GPTQ), --scale-search mse",
+                     qs + [None, "--mlp", scheme] + calib))
+    for extra in args.extra:
+        scheme, search = extra.split(":")
+        runs.append((f"q-{scheme}-gptq-{search}", "qstream", scheme, f"--calibrate (GPTQ), --scale-search {search}",
+                     qs + [None, "--mlp", scheme, "--scale-search", search] + calib))
+    eval_ids = tokenize(src, read_text(EVAL), args.eval_tokens)
+    rows = []
+    for scheme in dict.fromkeys(r[2] for r in runs):  # one scheme at a time: results written after each
+        outs, new = {}, []
+        for label, tool, sch, how, cmd in runs:
+            if sch != scheme:
+                continue
+            dst = args.work / label
+            shutil.rmtree(dst, ignore_errors=True)
+            cmd = [str(dst) if c is None else c for c in cmd] + (["-q"] if tool == "qstream" else [])
+            secs, rss = run_timed(cmd, env)
+            print(f"[{label}] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB", flush=True)
+            if rss < 0:
+                continue
+            new.append({"label": label, "tool": tool, "scheme": scheme, "how": how, "seconds": secs, "rss": rss})
+            outs[label] = dst
+        t0 = time.perf_counter()
+        kl = multi_eval(src, outs, eval_ids, args.ctx)
+        print(f"eval: {time.perf_counter() - t0:.0f} s", flush=True)
+        for r in new:
+            r.update(kl[r["label"]])
+            print(json.dumps(r), flush=True)
+        rows += new
+        if args.out:
+            write_results(args, rows)
+
+
+def write_results(args, rows: list[dict]) -> None:
+    cpu = platform.processor() or platform.machine()
+    lines = ["# GPTQ: qstream `convert --calibrate` vs llm-compressor `oneshot` + `GPTQModifier`", "",
+             f"Recorded by `benchmarks/bench_gptq.py` on {os.cpu_count()} CPU cores ({cpu}), CPU only, "
+             "one run, every row side by side"
+             + (f", both tools with OMP_NUM_THREADS={args.torch_threads}" if args.torch_threads else "") + ".", "",
+             "SmolLM2-135M-Instruct (BF16, `tests/smollm2.py`), MLP linears only (attention, embeddings and "
+             f"lm_head kept BF16). Calibration: the same {args.samples} x {args.seqlen} SmolLM2 tokens of "
+             "tests/data/pride_and_prejudice.txt for both tools. Scored on the first "
+             f"{rows[0]['tokens'] + rows[0]['tokens'] // (args.ctx - 1)} tokens of tests/data/alice_in_wonderland.txt "
+             f"(a text neither saw) in {args.ctx}-token windows, {rows[0]['tokens']} predicted positions: "
+             "KL(BF16 || quantized) over the full vocabulary in nats, every output decoded as "
+             f"compressed-tensors decodes it. BF16 perplexity {rows[0]['ppl_src']:.3f}. Peak RSS and wall "
+             "time: the conversion process.", "",
+             "| scheme | tool | method | KL mean | perplexity | top-1 agree | peak RSS | wall |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['scheme']} | {r['tool']} | {r['how']} | {r['kl']:.4f} | {r['ppl']:.3f} | {r['top1']:.3f} "
+                     f"| {r['rss'] / 2**20:.0f} MiB | {r['seconds']:.0f} s |")
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
