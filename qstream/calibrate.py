@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import fsync_dir, write_atomic
+from .atomic import fsync_dir, replace_durably, write_atomic
 from .errors import QStreamError
 from .gptq import Hessian, gptq_quantize
 from .layerwise import Skeleton, WeightStore, default_device, return_freed_memory, run_layer
@@ -233,8 +233,7 @@ def calibrate(plan: Plan, dst: str | Path, ids: torch.Tensor, *, resume: bool = 
                 torch.save([h.cpu() for h in hidden], root / "hidden.partial")
                 with open(root / "hidden.partial", "rb+") as f:
                     os.fsync(f.fileno())
-                os.replace(root / "hidden.partial", h_path)
-                fsync_dir(root)
+                replace_durably(root / "hidden.partial", h_path)
                 (root / f"hidden-{L - 1:05d}.pt").unlink(missing_ok=True)
                 if on_layer is not None:
                     on_layer(L, n)
@@ -284,8 +283,7 @@ def _layer_pass(plan, sk, store, L, ops, hidden, calls, root, device, gscales) -
             f.flush()
             os.fsync(f.fileno())
     fsync_dir(tmp)
-    os.replace(tmp, root / f"layer-{L:05d}")
-    fsync_dir(root)
+    replace_durably(tmp, root / f"layer-{L:05d}")
     for k in range(len(hidden)):
         hidden[k] = run_layer(layer, hidden[k], calls[k][L])
     del layer
