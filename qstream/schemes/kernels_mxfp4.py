@@ -39,16 +39,21 @@ def _mode(search: str) -> int:
 
 
 @njit(nogil=True, cache=True)
+def _pow2_consts(kind):
+    """round_to_power_2 constants of a dtype kind (0 bf16, 1 f16, 2 f32): 1 << (mantissa - 2),
+    sign+exponent mask, mantissa bits, exponent bias, all-ones exponent."""
+    if kind == 0:
+        return 0x20, 0xFF80, 7, 127, 0xFF
+    if kind == 1:
+        return 0x100, 0xFC00, 10, 15, 0x1F
+    return 0x200000, 0xFF800000, 23, 127, 0xFF
+
+
+@njit(nogil=True, cache=True)
 def _mxfp4_row(w, r, packed, scale, codes):
     kind = _kind_of(w)
     mask = _abs_mask(kind)
-    # round_to_power_2 constants: 1 << (mantissa - 2), sign+exponent mask
-    if kind == 0:
-        add, keep, mshift, bias, emax = 0x20, 0xFF80, 7, 127, 0xFF
-    elif kind == 1:
-        add, keep, mshift, bias, emax = 0x100, 0xFC00, 10, 15, 0x1F
-    else:
-        add, keep, mshift, bias, emax = 0x200000, 0xFF800000, 23, 127, 0xFF
+    add, keep, mshift, bias, emax = _pow2_consts(kind)
     for g in range(w.shape[1] // 32):
         base = g * 32
         m = _group_amax_bits(w, r, base, 32, mask)
@@ -102,12 +107,7 @@ def _mxfp4_row_search(w, r, packed, scale, codes, xa, xn, e0, e1, e2, nj):
     count) numba's loop vectorizer handles."""
     kind = _kind_of(w)
     mask = _abs_mask(kind)
-    if kind == 0:
-        add, keep, mshift, bias, emax = 0x20, 0xFF80, 7, 127, 0xFF
-    elif kind == 1:
-        add, keep, mshift, bias, emax = 0x100, 0xFC00, 10, 15, 0x1F
-    else:
-        add, keep, mshift, bias, emax = 0x200000, 0xFF800000, 23, 127, 0xFF
+    add, keep, mshift, bias, emax = _pow2_consts(kind)
     for g in range(w.shape[1] // 32):
         base = g * 32
         m = _group_amax_bits(w, r, base, 32, mask)
