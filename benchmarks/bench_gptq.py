@@ -7,7 +7,7 @@ tests/data/pride_and_prejudice.txt, no special tokens) and are scored on a text 
 (tests/data/alice_in_wonderland.txt): full-vocabulary KL(BF16 || quantized) per position, in
 nats, every output decoded as compressed-tensors decodes it (qstream's layer-by-layer eval
 engine, the BF16 source run once next to all the outputs). Wall time and peak RSS are those of
-each conversion process (wait4 ru_maxrss).
+each conversion process (GNU time's %M: see bench_convert.run_timed).
 
     python benchmarks/bench_llmcompressor.py --setup /tmp/lcvenv   # once: llmcompressor 0.14.0.1
     python benchmarks/bench_gptq.py --lc-venv /tmp/lcvenv --out benchmarks/RESULTS-gptq.md
@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 CALIB = REPO / "tests" / "data" / "pride_and_prejudice.txt"
 EVAL = REPO / "tests" / "data" / "alice_in_wonderland.txt"
 LC_SCHEME = {"nvfp4": "NVFP4A16", "mxfp4": "MXFP4A16"}
@@ -49,16 +50,19 @@ model.save_pretrained(dst, save_compressed=True)
 
 
 def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of a child process."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, ru = os.wait4(p.pid, 0)
-    secs = time.perf_counter() - t0
-    err = p.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        print(f"{' '.join(cmd[:4])} ... failed:\n{err[-3000:]}", flush=True)
-        return secs, -1
-    return secs, ru.ru_maxrss * 1024
+    """(wall seconds, peak RSS bytes) of a child process; -1 as the RSS if it failed.
+
+    The RSS is GNU time's %M (bench_convert.run_timed): this process imports torch, and
+    wait4's ru_maxrss would carry its size into every child's figure.
+    """
+    from bench_convert import run_timed as timed
+
+    try:
+        secs, rss, _ = timed(cmd, env=env, stderr=subprocess.PIPE)
+    except SystemExit as e:
+        print(f"{' '.join(cmd[:4])} ... {e}", flush=True)
+        return 0.0, -1
+    return secs, rss
 
 
 def multi_eval(src: Path, outs: dict[str, Path], ids, ctx: int) -> dict[str, float]:

@@ -58,9 +58,9 @@ def main() -> None:
             for d in (dst_lc, dst_q):
                 shutil.rmtree(d, ignore_errors=True)
             warm(src)
-            t_lc, rss_lc = run_timed([lc_py, "-c", LC_SNIPPET, str(src), str(dst_lc), LC_SCHEME[scheme], str(args.workers)])
+            t_lc, rss_lc, _ = run_timed([lc_py, "-c", LC_SNIPPET, str(src), str(dst_lc), LC_SCHEME[scheme], str(args.workers)])
             warm(src)
-            t_q, rss_q = run_timed([sys.executable, "-m", "qstream", "convert", str(src), str(dst_q), "--mlp", scheme, "-q",
+            t_q, rss_q, _ = run_timed([sys.executable, "-m", "qstream", "convert", str(src), str(dst_q), "--mlp", scheme, "-q",
                                     "--scale-search", args.scale_search])
             rows.append((src.name, f"{scheme} (qstream --scale-search {args.scale_search})", size, t_lc, rss_lc, t_q, rss_q))
             print(f"{src.name} {scheme}: llm-compressor {t_lc:.1f} s ({rss_lc / 2**30:.2f} GiB), "
