@@ -203,6 +203,19 @@ def main() -> None:
         if len(r) >= 2:
             lo, hi = min(r), max(r)
             lines.append(f"- {scheme}: peak RSS {r[hi][1] / r[lo][1]:.2f}x, s per GB {r[hi][0] / r[lo][0]:.2f}x")
+    lines += ["", "Per decoder layer (the difference between the two runs over the added layers: the embeddings, "
+              "lm_head and vision tower are a fixed part, so whole-run s per GB rises with the layer count), and "
+              "the 88-layer model on this machine by that line (fixed part + 88 x per layer):", ""]
+    for scheme in args.schemes:
+        r = {ly: (w, c, s) for ly, sc, s, _, w, c, _ in rows if sc == scheme}
+        if len(r) >= 2:
+            lo, hi = min(r), max(r)
+            n = hi - lo
+            wl, cl, gb = ((r[hi][k] - r[lo][k]) / n for k in range(3))
+            fixed = r[lo][0] - lo * wl
+            lines.append(f"- {scheme}: {wl:.1f} s wall, {cl:.1f} s CPU, {gb / 1e9:.2f} GB of source per layer "
+                         f"({wl / (gb / 1e9):.2f} s per GB); fixed part {fixed:.1f} s; 88 layers: "
+                         f"{(fixed + 88 * wl) / 60:.0f} min")
     lines += ["", f"`qstream inspect` of the 88-layer checkpoint ({full_size / 1e9:.1f} GB apparent, "
               f"{on_disk / 1e6:.1f} MB on disk: sparse shards with real headers): "
               f"{min(t_inspect):.2f} s best of 3 ({', '.join(f'{t:.2f}' for t in t_inspect)} s), whole process "
