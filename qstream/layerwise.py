@@ -13,7 +13,9 @@ decoded as the checkpoint's loaders decode them:
 * compressed-tensors NVFP4 / MXFP4 (``weight_packed``, ``weight_scale``,
   ``weight_global_scale``) and ModelOpt NVFP4 (``weight`` U8, ``weight_scale``,
   ``weight_scale_2``): qstream's byte-exact copies of compressed-tensors' and
-  ModelOpt's decoders (:mod:`qstream.schemes.decode`), bf16 values.
+  ModelOpt's decoders (:mod:`qstream.schemes.decode`), bf16 values; a W4A4 output's
+  FP4 Linears also quantize their inputs as its runtime does
+  (:mod:`qstream.act_emulation`, compressed-tensors' own ``forward_quantize``).
 
 Every decoded tensor is then cast to the model's dtype (config.json's
 ``torch_dtype``, bfloat16 by default), the dtype a loader would give it.
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .act_emulation import InputQdq
 from .errors import QStreamError
 from .sources.fp8 import find_fp8_weights
 from .safetensors_io import FLOAT_SOURCE_DTYPES, ShardReader, TensorInfo
@@ -91,6 +94,14 @@ class WeightStore:
         self.tensors = self.ckpt.tensors
         self.reader = ShardReader()
         self.fp8 = find_fp8_weights(self.tensors, self.ckpt.config)
+        self._input_qdq: InputQdq | None = None
+
+    @property
+    def input_qdq(self) -> InputQdq:
+        """The activation quantize-dequantize a W4A4 output's runtime applies (empty otherwise)."""
+        if self._input_qdq is None:
+            self._input_qdq = InputQdq(self.ckpt.config, self.tensors, lambda n: self._read(self._info(n)))
+        return self._input_qdq
 
     def close(self) -> None:
         self.reader.close()
@@ -289,7 +300,11 @@ class Skeleton:
         return m
 
     def layer(self, index: int, store: WeightStore, device: torch.device) -> nn.Module:
-        return self.materialize(self.decoder.layers[index], f"{self.prefix}.layers.{index}", store, device)
+        """Decoder layer ``index`` from ``store``, its W4A4 Linears quantizing their inputs."""
+        name = f"{self.prefix}.layers.{index}"
+        m = self.materialize(self.decoder.layers[index], name, store, device)
+        store.input_qdq.attach(m, name)
+        return m
 
     def embed(self, ids: torch.Tensor, store: WeightStore, device: torch.device) -> torch.Tensor:
         """Input embeddings [1, len, hidden] of one window."""

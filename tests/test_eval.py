@@ -46,11 +46,14 @@ def _load(path):
         return auto.from_pretrained(str(path), dtype=torch.bfloat16, **kw).eval()
 
 
-def _whole(src, dst, ids, ctx):
-    """The same metrics with both models loaded whole in transformers (bf16, CT dequantized)."""
+def _whole(src, dst, ids, ctx, prepare=None):
+    """The same metrics with both models loaded whole in transformers (bf16, CT dequantized);
+    ``prepare(model)`` adjusts the output's model first (W4A4: CT's activation QDQ)."""
     import smollm2
 
     ref, test = _load(src), _load(dst)
+    if prepare is not None:
+        prepare(test)
     kls, nll_ref, nll_test, agree, n = [], 0.0, 0.0, 0, 0
     for w in windows(ids, ctx):
         t = w[1:].unsqueeze(1)

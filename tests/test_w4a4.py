@@ -230,3 +230,56 @@ def test_moe_experts_without_statistics_are_refused(tmp_path):
         make_plan(open_checkpoint(src), opts)
     assert make_plan(open_checkpoint(src), Options(mlp="mxfp4", activations="mxfp4")).quantization_config[
         "config_groups"]["group_0"]["input_activations"]["dynamic"] is True
+
+
+# --------------------------------------------------------------------------- qstream eval of W4A4 outputs
+
+def _eval(dst, src):
+    from qstream.evaluate import evaluate
+
+    ids = torch.randint(0, 256, (130,), generator=torch.Generator().manual_seed(1))
+    return evaluate(dst, src, ids, ctx=65, device="cpu"), ids
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
+def test_eval_emulates_activations_as_compressed_tensors(outputs, src, name):
+    """`qstream eval` of a W4A4 output equals the whole model in transformers with
+    compressed-tensors' own activation QDQ on every FP4 Linear (tests/w4a4_reference.py)
+    -- KL within 1%, perplexity within 0.1% (issue 17) -- and differs from the weight-only
+    figures of the same weights (the activation error is in them)."""
+    from test_eval import _assert_same, _whole
+    from w4a4_reference import attach_input_qdq
+
+    import qstream.layerwise as lw
+
+    r, ids = _eval(outputs[name], src)
+    _assert_same(r, _whole(src, outputs[name], ids, 65, prepare=lambda m: attach_input_qdq(m, outputs[name])))
+    weight_only = _whole(src, outputs[name], ids, 65)  # the same weights, activations left in bf16
+    assert r.kld_mean > 1.2 * weight_only["kld_mean"]
+    st = lw.WeightStore(outputs[name])
+    try:
+        assert sorted(st.input_qdq.specs) == sorted(MLP)
+    finally:
+        st.close()
+
+
+def test_eval_modelopt_w4a4_as_compressed_tensors(outputs, src):
+    """The ModelOpt W4A4 output (input_scale = amax / 2688, vLLM's 1 / input_scale as the
+    global scale) scores as its compressed-tensors twin (input_global_scale = 2688 / amax)."""
+    a, _ = _eval(outputs["nvfp4"], src)
+    b, _ = _eval(outputs["nvfp4-modelopt"], src)
+    assert b.kld_mean == pytest.approx(a.kld_mean, rel=0.01) and b.ppl_output == pytest.approx(a.ppl_output, rel=1e-3)
+
+
+def test_eval_refuses_w4a4_inside_fused_experts(tmp_path):
+    """An MXFP4 W4A4 MoE output whose experts transformers fuses: the expert inputs cannot be
+    reached, so eval refuses rather than report weight-only figures as W4A4 ones."""
+    from synth import mixtral_config, mixtral_tensors
+
+    from qstream.evaluate import evaluate
+
+    cfg = mixtral_config()
+    s = write_checkpoint(tmp_path / "src", cfg, mixtral_tensors(cfg))
+    convert(make_plan(open_checkpoint(s), Options(mlp="mxfp4", activations="mxfp4")), tmp_path / "out")
+    with pytest.raises(QStreamError, match=r"experts\.\d+\.\w+: its activations are quantized \(W4A4\).*fused"):
+        evaluate(tmp_path / "out", s, torch.arange(40) % 200, ctx=20, device="cpu")
