@@ -33,7 +33,7 @@ from .journal import open_journal
 from .plan.plan import Op, OutShard, Plan
 from .safetensors_io import DTYPES, ShardReader, TensorInfo, drop_pages
 from .schemes import decode  # the FP4 decoders (compressed-tensors' decode, bit for bit)
-from .schemes import ATTN_SCHEMES, fp8
+from .schemes import ATTN_SCHEMES
 from .writer import STAGING_DIR, ShardWriter, copy_side_file, output_config, write_atomic, write_json
 
 BLOCK_BYTES = 16 << 20  # source bytes per work item
@@ -142,7 +142,8 @@ class Executor:
         self._progress_lock = threading.Lock()  # Progress callbacks come from worker threads, one at a time
         self._by_module = {op.module: op for op in plan.ops if op.scale_group}
         self.hold_bytes = hold_bytes
-        self._held: dict[tuple[int, int, int], np.ndarray] = {}  # (id(op), r0, r1) -> read_float rows
+        # (id(op), r0, r1) -> (read_float rows, or an FP8 source's raw codes; whether codes)
+        self._held: dict[tuple[int, int, int], tuple[np.ndarray, bool]] = {}
         self._held_bytes = 0
         self._held_lock = threading.Lock()
         # (id(op), r0) -> (sum w^2, sum (w - w_hat)^2) of every block written: the card's measured error
@@ -250,7 +251,7 @@ class Executor:
         x = self.read_view(op.source, op, r0, r1) if op.view is not None else self.reader.read_rows(op.source, r0, r1)
         if op.src_scale is None:
             return x
-        return fp8.apply_scale(fp8.decode_fp8(x), self._scale(op), op.layout, r0, op.block)
+        return self.k.fp8_dequant(x, self._scale(op), op.layout, r0, op.block)  # = fp8.apply_scale(decode_fp8)
 
     def _nonfinite(self, op: Op) -> QStreamError:
         bad = 0
@@ -264,28 +265,38 @@ class Executor:
 
     def tensor_absmax(self, op: Op, hold: bool = False) -> float:
         """max |w| of the op's source; ``hold``: keep the blocks read (see HOLD_BYTES) for
-        :meth:`take_rows`."""
+        :meth:`take_rows`. An FP8 source's blocks are held as their codes (a byte a value,
+        decoded when taken), and a per-tensor-scaled one's absmax comes from its codes."""
         amax = 0.0
+        codes_only = op.src_scale is not None and op.view is None and op.layout in ("tensor", "channel", "block")
         for r0, r1 in self._blocks(op):
-            x = self.read_float(op, r0, r1)
-            a = float(self.k.absmax(x))
+            if codes_only:
+                x = self.reader.read_rows(op.source, r0, r1)
+                a = self.k.fp8_absmax(x, self._scale(op)) if op.layout == "tensor" else \
+                    float(self.k.absmax(self.k.fp8_dequant(x, self._scale(op), op.layout, r0, op.block)))
+            else:
+                x = self.read_float(op, r0, r1)
+                a = float(self.k.absmax(x))
             if not math.isfinite(a):
                 raise self._nonfinite(op)
             amax = max(amax, a)
             if hold:
                 with self._held_lock:
                     if self._held_bytes + x.nbytes <= self.hold_bytes:
-                        self._held[(id(op), r0, r1)] = x
+                        self._held[(id(op), r0, r1)] = (x, codes_only)
                         self._held_bytes += x.nbytes
         return amax
 
     def take_rows(self, op: Op, r0: int, r1: int) -> np.ndarray:
         """read_float(op, r0, r1), from the blocks kept by the absmax pass when it holds them."""
         with self._held_lock:
-            x = self._held.pop((id(op), r0, r1), None)
-            if x is not None:
-                self._held_bytes -= x.nbytes
-        return x if x is not None else self.read_float(op, r0, r1)
+            held = self._held.pop((id(op), r0, r1), None)
+            if held is not None:
+                self._held_bytes -= held[0].nbytes
+        if held is None:
+            return self.read_float(op, r0, r1)
+        x, codes = held
+        return self.k.fp8_dequant(x, self._scale(op), op.layout, r0, op.block) if codes else x
 
     def global_scale(self, op: Op) -> np.float32:
         """NVFP4 global scale of the op's scale group (fused partners share it)."""

@@ -213,3 +213,41 @@ def test_old_multimodal_prefixes_are_never_quantized():
     cg = Classifier(g, fams["generic"])
     assert cg.role("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight") == "vision"
     assert cg.role("model.language_model.layers.0.mlp.gate_proj.weight") == "mlp"
+
+
+@pytest.mark.parametrize("layout", ["tensor", "channel", "block"])
+def test_fused_fp8_dequant_equals_numpy(layout):
+    """convert's one-pass FP8 decode (kernels.fp8_dequant) gives exactly the float32 values of
+    the numpy reference, fp8.apply_scale(fp8.decode_fp8(codes)), every code (NaN, zeros,
+    subnormals) and any row offset into the scale."""
+    from qstream.schemes import fp8, kernels
+
+    rng = np.random.default_rng(3)
+    rows, cols, r0 = 300, 260, 130  # not multiples of the 128 x 128 blocks
+    codes = rng.integers(0, 256, (rows, cols), dtype=np.uint8)
+    scale = {"tensor": rng.random((1,), np.float32),
+             "channel": rng.random((r0 + rows, 1), np.float32) * 1e-3,
+             "block": rng.random(((r0 + rows + 127) // 128, (cols + 127) // 128), np.float32)}[layout]
+    want = fp8.apply_scale(fp8.decode_fp8(codes), scale, layout, r0, (128, 128))
+    got = kernels.fp8_dequant(codes, scale, layout, r0, (128, 128))
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)])
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(want).any()
+
+
+def test_fp8_absmax_from_codes_equals_decoded():
+    """The NVFP4 global-scale pass over a per-tensor FP8 source takes max |w| from the codes:
+    exactly the absmax of the decoded values, NaN codes included."""
+    from qstream.schemes import fp8, kernels
+
+    rng = np.random.default_rng(4)
+    for s in (np.float32(3.7e-4), np.float32(-2.5), np.float32(1e-30)):
+        for trial in range(20):
+            codes = rng.integers(0, 256, 500, dtype=np.uint8)
+            codes[codes & 0x7F == 0x7F] = 0  # no NaN
+            if trial % 5 == 0:
+                codes[:] = rng.integers(0, 8, 500)  # zeros and subnormals only
+            x = fp8.apply_scale(fp8.decode_fp8(codes), np.asarray([s]), "tensor", 0, None)
+            assert kernels.fp8_absmax(codes, np.asarray([s])) == float(kernels.absmax(x))
+    codes[7] = 0xFF
+    assert np.isnan(kernels.fp8_absmax(codes, np.asarray([1.0], np.float32)))

@@ -31,8 +31,20 @@ def convert_counting(src: Path, dst: Path, hold_bytes: int, block_bytes: int) ->
     return read
 
 
+@pytest.fixture(params=["bf16", "fp8-tensor", "fp8-block"])
+def source(request, tiny_ckpt, tmp_path_factory):
+    """BF16 (held as floats), FP8 per-tensor and 128x128-block FP8 (held as their codes)."""
+    from synth import write_mistral3_fp8, write_qwen3_block_fp8
+
+    if request.param == "bf16":
+        return tiny_ckpt
+    root = tmp_path_factory.mktemp(request.param) / "src"
+    return write_mistral3_fp8(root) if request.param == "fp8-tensor" else write_qwen3_block_fp8(root)
+
+
 @pytest.mark.parametrize("block_bytes", [16 << 20, 4096])  # one block per tensor, many blocks
-def test_nvfp4_source_read_once_same_bytes(tiny_ckpt, tmp_path, block_bytes):
+def test_nvfp4_source_read_once_same_bytes(source, tmp_path, block_bytes):
+    tiny_ckpt = source
     plan = make_plan(open_checkpoint(tiny_ckpt), Options(mlp="nvfp4", scale_search="none"))
     quantized = {op.source.name: op.source.nbytes for op in plan.ops if op.kind == "quantize"}
     assert any(len(m) > 1 for m in plan.scale_groups.values())  # fused partners (gate/up) are there

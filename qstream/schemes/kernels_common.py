@@ -296,6 +296,27 @@ def _absmax_bits(flat, mask):
 
 
 @njit(nogil=True, cache=True)
+def _fp8_dequant(codes, lut, scale, layout, r0, b0, b1, out):
+    """out[i, j] = lut[codes[i, j]] * the scale of source row r0 + i, column j (float32
+    products, as numpy's ``x *= s``): layout 0 per tensor (scale[0, 0]), 1 per channel
+    (scale[r0 + i, 0]), 2 per b0 x b1 block (scale[(r0 + i) // b0, j // b1])."""
+    rows, cols = codes.shape
+    for i in range(rows):
+        if layout == 0:
+            s = scale[0, 0]
+            for j in range(cols):
+                out[i, j] = lut[codes[i, j]] * s
+        elif layout == 1:
+            s = scale[r0 + i, 0]
+            for j in range(cols):
+                out[i, j] = lut[codes[i, j]] * s
+        else:
+            br = (r0 + i) // b0
+            for j in range(cols):
+                out[i, j] = lut[codes[i, j]] * scale[br, j // b1]
+
+
+@njit(nogil=True, cache=True)
 def _e4m3_array(x, out):
     for i in range(x.shape[0]):
         out[i] = _e4m3(x[i])
