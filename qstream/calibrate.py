@@ -16,6 +16,15 @@ for each decoder layer in turn, as llm-compressor's sequential pipeline does:
 4. runs the windows through the now quantized layer: their outputs are the next layer's
    inputs (the error of the earlier quantized layers is what later layers calibrate on).
 
+Mixture-of-experts layers: transformers holds the routed experts as one fused module; a
+forward pre-hook on it (:mod:`qstream.calib_experts`) gives each expert the Hessians of exactly
+the tokens routed to it (gate/up: their hidden states; down: act(gate) * up of them). An
+expert that no token reaches is quantized data-free (not in the results: the converter
+encodes it as without --calibrate) and ``on_note`` says so. Expert Hessians are held at most
+``expert_budget`` bytes at a time: more experts are captured in further passes over the
+windows, stopping at the experts module, before any weight upstream of the experts changes,
+so the bytes do not depend on the budget.
+
 Only one layer's weights and the windows' hidden states are in memory. Each layer's codes and
 scales (one ``.npy`` per array) and its input max |x| go into a folder
 ``DST/.cache/huggingface/qstream/calibration/layer-NNNNN`` made atomically (written under a
