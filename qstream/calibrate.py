@@ -340,7 +340,8 @@ def _layer_pass(plan, sk, store, L, ops, hidden, calls, root, device, gscales, b
     tmp = root / f"layer-{L:05d}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    absmax, gs_used, fused, dense_q, data_free = {}, {}, {}, [], []
+    absmax, gs_used, fused, dense_q = {}, {}, {}, []
+    data_free: dict = {}  # (experts module, expert) or a Linear's name -> its data-free modules
     search = plan.options.scale_search
     for c, chunk in enumerate(chunks):
         hess = {name: Hessian(m.in_features, device) for name, m in mods.items()} if c == 0 else {}
@@ -369,17 +370,17 @@ def _layer_pass(plan, sk, store, L, ops, hidden, calls, root, device, gscales, b
             h = hess.pop(op.module) if t is None else caps[t.qual].hessian(t)
             gs = _global_scale(plan, op, store, gscales, fused)
             w = np.asarray(op_weight(store, op, fused), dtype=np.float32)
-            if h.n == 0:  # a routed expert no calibration token reached
-                write_back(layer.get_submodule(t.qual), t, _data_free(w, op.scheme, gs, search))
-                if not data_free or data_free[-1][0] != (t.qual, t.expert):
-                    data_free.append(((t.qual, t.expert), []))
-                data_free[-1][1].append(op.module)
-                continue
-            packed, scale, q = gptq_quantize(torch.from_numpy(w), h.matrix(), op.scheme, gs, search)
+            if h.n == 0:  # no calibration token reached it (a routed expert): data-free
+                q = _data_free(w, op.scheme, gs, search)
+                data_free.setdefault((t.qual, t.expert) if t is not None else op.module, []).append(op.module)
+            else:
+                packed, scale, q = gptq_quantize(torch.from_numpy(w), h.matrix(), op.scheme, gs, search)
             if t is None:
                 dense_q.append((mods[op.module], q))
             else:
                 write_back(layer.get_submodule(t.qual), t, q)
+            if h.n == 0:
+                continue
             _save_npy(tmp, f"{op.module}.packed.npy", packed)
             _save_npy(tmp, f"{op.module}.scale.npy", scale)
             absmax[op.module] = h.absmax
@@ -388,11 +389,12 @@ def _layer_pass(plan, sk, store, L, ops, hidden, calls, root, device, gscales, b
         del caps, hess
     for m, q in dense_q:
         m.weight.data.copy_(q.to(device=device, dtype=m.weight.dtype))
-    names = [n for _, group in data_free for n in group]
-    for (qual, e), group in data_free:
+    names = [n for group in data_free.values() for n in group]
+    for key, group in data_free.items():
+        what = f"was routed to expert {key[1]} of {pre}{key[0]} ({', '.join(x.rsplit('.', 1)[-1] for x in group)})" \
+            if isinstance(key, tuple) else f"reached {key}"
         if on_note is not None:
-            on_note(f"calibration: no calibration token was routed to expert {e} of {pre}{qual} "
-                    f"({', '.join(x.rsplit('.', 1)[-1] for x in group)}); quantized data-free, without GPTQ")
+            on_note(f"calibration: no calibration token {what}; quantized data-free, without GPTQ")
     for name, obj in ((ABSMAX_FILE, absmax), ("global_scales.json", gs_used), (DATA_FREE_FILE, names)):
         with open(tmp / name, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True)
