@@ -16,6 +16,15 @@ for each decoder layer in turn, as llm-compressor's sequential pipeline does:
 4. runs the windows through the now quantized layer: their outputs are the next layer's
    inputs (the error of the earlier quantized layers is what later layers calibrate on).
 
+Mixture-of-experts layers: transformers holds the routed experts as one fused module; a
+forward pre-hook on it (:mod:`qstream.calib_experts`) gives each expert the Hessians of exactly
+the tokens routed to it (gate/up: their hidden states; down: act(gate) * up of them). An
+expert that no token reaches is quantized data-free (not in the results: the converter
+encodes it as without --calibrate) and ``on_note`` says so. Expert Hessians are held at most
+``expert_budget`` bytes at a time: more experts are captured in further passes over the
+windows, stopping at the experts module, before any weight upstream of the experts changes,
+so the bytes do not depend on the budget.
+
 Only one layer's weights and the windows' hidden states are in memory. Each layer's codes and
 scales (one ``.npy`` per array) and its input max |x| go into a folder
 ``DST/.cache/huggingface/qstream/calibration/layer-NNNNN`` made atomically (written under a
@@ -45,6 +54,7 @@ from torch import nn
 
 from .atomic import fsync_dir, replace_durably, write_atomic
 from .errors import QStreamError
+from .calib_experts import ExpertCapture, ExpertTarget, expert_targets, fused_experts, hessian_bytes, write_back
 from .gptq import Hessian, gptq_quantize
 from .layerwise import Skeleton, WeightStore, default_device, return_freed_memory, run_layer
 from .plan.plan import Op, Plan
@@ -56,6 +66,8 @@ DEFAULT_SAMPLES = 128
 DEFAULT_SEQLEN = 512
 CALIB_DIR = "calibration"  # under the staging dir
 ABSMAX_FILE = "input_absmax.json"
+DATA_FREE_FILE = "data_free.json"  # per layer: the routed experts no calibration token reached
+EXPERT_HESSIAN_BUDGET = 8 << 30  # bytes of routed-expert Hessians held at once (float32)
 
 
 def read_calibration_text(path: str | Path) -> str:
@@ -108,10 +120,24 @@ def calibrated_ops(plan: Plan) -> list[Op]:
     """The ops GPTQ replaces: every FP4 quantize op (refusing those it cannot do yet)."""
     ops = [op for op in plan.ops if op.kind == "quantize" and op.scheme in SCHEMES]
     for op in ops:
-        if op.view is not None or op.layout in ("mxfp4", "modelopt"):
-            raise QStreamError(f"{op.source.name}: --calibrate does not support fused or repacked expert weights "
-                               "(MoE) yet; convert this model without --calibrate.")
+        if op.layout in ("mxfp4", "modelopt"):
+            raise QStreamError(f"{op.source.name}: --calibrate does not GPTQ weights stored as {op.layout} blocks "
+                               "(gpt-oss's MXFP4 experts, a ModelOpt source) yet; convert this model without "
+                               "--calibrate.")
     return ops
+
+
+def op_weight(store: WeightStore, op: Op, fused: dict) -> np.ndarray:
+    """The op's [out, in] source weight as floats: the tensor, or a fused 3-D expert tensor's
+    view (decoded once per layer into ``fused``)."""
+    v = op.view
+    if v is None:
+        return store.decode(op.source.name)
+    if op.source.name not in fused:
+        fused[op.source.name] = store.decode(op.source.name)
+    slab = fused[op.source.name][v.expert]
+    slab = slab.T if v.transpose else slab
+    return np.ascontiguousarray(slab[v.start: v.start + v.step * v.count: v.step])
 
 
 def _root(dst: Path) -> Path:
@@ -128,18 +154,19 @@ def _save_npy(folder: Path, name: str, a: np.ndarray) -> None:
 class CalibratedWeights:
     """The calibration pass's codes and scales, by source tensor name (memory-mapped)."""
 
-    def __init__(self, dst: Path, index: dict[str, str], absmax: dict[str, float]) -> None:
+    def __init__(self, dst: Path, index: dict[str, str], absmax: dict[str, float], data_free: list[str]) -> None:
         self.root, self.index, self.absmax = _root(dst), index, absmax
+        self.data_free = data_free  # routed experts no calibration token reached: quantized data-free
 
     def get(self, op: Op, gs) -> tuple[np.ndarray, np.ndarray] | None:
         """(packed, scale) of ``op``, or None when the pass did not calibrate it (outside the
         decoder layers: quantized data-free). ``gs``: the converter's NVFP4 global scale,
         which must be the one the pass used."""
-        folder = self.index.get(op.source.name)
+        folder = self.index.get(op.module)
         if folder is None:
             return None
         d = self.root / folder
-        stem = op.source.name.removesuffix(".weight")
+        stem = op.module
         if gs is not None:
             used = json.loads((d / "global_scales.json").read_text())[stem]
             if np.float32(used) != np.float32(gs):
@@ -159,7 +186,7 @@ class CalibratedWeights:
             p.unlink(missing_ok=True)
 
 
-def _global_scale(plan: Plan, op: Op, store: WeightStore, cache: dict) -> np.float32 | None:
+def _global_scale(plan: Plan, op: Op, store: WeightStore, cache: dict, fused: dict) -> np.float32 | None:
     """The NVFP4 global scale of the op's fused set, as the converter computes it."""
     if not SCHEMES[op.scheme].has_global_scale:
         return None
@@ -167,7 +194,7 @@ def _global_scale(plan: Plan, op: Op, store: WeightStore, cache: dict) -> np.flo
     if key not in cache:
         by_module = {o.module: o for o in plan.ops if o.scale_group}
         members = [by_module[n] for n in plan.scale_groups[key]]
-        amax = max(reference.tensor_absmax(store.decode(m.source.name)) for m in members)
+        amax = max(reference.tensor_absmax(op_weight(store, m, fused)) for m in members)
         dtype = np.float32 if op.src_scale is not None or op.layout else DTYPES[op.source.dtype].type
         cache[key] = reference.nvfp4_global_scale(amax, dtype)
     return cache[key]
@@ -199,19 +226,42 @@ def _start(root: Path, ident: dict, resume: bool, n_layers: int) -> tuple[int, l
     return 0, None
 
 
+class _Captured(Exception):
+    """Raised by an expert capture hook once the rest of the layer's forward is not needed."""
+
+
+def _resolve(layer: nn.Module, pre: str, ops: list[Op]) -> tuple[dict[str, str], dict[str, ExpertTarget]]:
+    """({module: its nn.Linear's name in the layer}, {module: routed expert target}) of the
+    layer's ops (``layer`` on the meta device or materialised)."""
+    experts = expert_targets(layer, pre, [op.module for op in ops])
+    linears = {}
+    for op in ops:
+        if op.module in experts:
+            continue
+        sub = op.module[len(pre):]
+        m = layer.get_submodule(sub) if sub else None
+        if not isinstance(m, nn.Linear):
+            raise QStreamError(f"{op.source.name}: is not an nn.Linear nor a routed expert of {type(layer).__name__} "
+                               "in transformers; --calibrate cannot hook its inputs; convert without --calibrate.")
+        linears[op.module] = sub
+    return linears, experts
+
+
 def calibrate(plan: Plan, dst: str | Path, ids: torch.Tensor, *, resume: bool = False,
               device: torch.device | str | None = None,
-              on_layer: Callable[[int, int], None] | None = None) -> CalibratedWeights:
-    """Run the GPTQ pass over the plan's FP4 Linears on token windows ``ids`` [samples, seqlen]."""
+              on_layer: Callable[[int, int], None] | None = None,
+              on_note: Callable[[str], None] | None = None,
+              expert_budget: int = EXPERT_HESSIAN_BUDGET) -> CalibratedWeights:
+    """Run the GPTQ pass over the plan's FP4 Linears on token windows ``ids`` [samples, seqlen].
+
+    ``on_note``: told of each routed expert no calibration token reached (quantized data-free).
+    ``expert_budget``: bytes of routed-expert Hessians held at once (more experts than fit are
+    captured in further passes over the windows; the bytes written do not depend on it)."""
     return_freed_memory()
     device = torch.device(device) if device is not None else default_device()
     ops = calibrated_ops(plan)
     store = WeightStore(plan.source)
     sk = Skeleton.build(plan.source.config, set(store.tensors))
-    if any(isinstance(m, nn.Module) and type(m).__name__.endswith(("Experts", "SparseMoeBlock", "MoE"))
-           for m in sk.decoder.layers[0].modules()):
-        raise QStreamError(f"{plan.source.root}: a mixture-of-experts model; --calibrate does not run MoE layers "
-                           "yet (experts would need their routed tokens); convert it without --calibrate.")
     root = _root(Path(dst))
     n = sk.num_layers
     by_layer: dict[int, list[Op]] = {}
@@ -219,6 +269,9 @@ def calibrate(plan: Plan, dst: str | Path, ids: torch.Tensor, *, resume: bool = 
         pre = f"{sk.prefix}.layers."
         if op.source.name.startswith(pre):
             by_layer.setdefault(int(op.source.name[len(pre):].split(".")[0]), []).append(op)
+    for L, layer_ops in by_layer.items():  # every op is hookable, before any work
+        if L < n:
+            _resolve(sk.decoder.layers[L], f"{sk.prefix}.layers.{L}.", layer_ops)
     first, hidden = _start(root, _identity(plan, ids), resume, n)
     try:
         with torch.inference_mode():
@@ -228,7 +281,8 @@ def calibrate(plan: Plan, dst: str | Path, ids: torch.Tensor, *, resume: bool = 
             calls = [sk.layer_inputs(h) for h in hidden]
             gscales: dict = {}
             for L in range(first, n):
-                _layer_pass(plan, sk, store, L, by_layer.get(L, []), hidden, calls, root, device, gscales)
+                _layer_pass(plan, sk, store, L, by_layer.get(L, []), hidden, calls, root, device, gscales,
+                            expert_budget, on_note)
                 h_path = root / f"hidden-{L:05d}.pt"
                 torch.save([h.cpu() for h in hidden], root / "hidden.partial")
                 with open(root / "hidden.partial", "rb+") as f:
@@ -242,42 +296,106 @@ def calibrate(plan: Plan, dst: str | Path, ids: torch.Tensor, *, resume: bool = 
     return load(dst, plan)
 
 
-def _layer_pass(plan, sk, store, L, ops, hidden, calls, root, device, gscales) -> None:
+def _expert_chunks(layer: nn.Module, ops: list[Op], experts: dict[str, ExpertTarget], budget: int) -> list[list]:
+    """The layer's routed experts to quantize, (module name, expert) in plan order, cut into
+    passes whose Hessians fit ``budget`` bytes (at least one expert a pass)."""
+    order: list[tuple[str, int]] = []
+    for op in ops:
+        t = experts.get(op.module)
+        if t is not None and (t.qual, t.expert) not in order:
+            order.append((t.qual, t.expert))
+    chunks: list[list] = [[]]
+    used = 0
+    for qual, e in order:
+        b = hessian_bytes(layer.get_submodule(qual))
+        if chunks[-1] and used + b > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append((qual, e))
+        used += b
+    return chunks
+
+
+def _data_free(w: np.ndarray, scheme: str, gs, search: str) -> torch.Tensor:
+    """The decoded data-free FP4 weight (what the converter writes without calibration)."""
+    if scheme == "nvfp4":
+        return torch.from_numpy(reference.dequantize_nvfp4(*reference.quantize_nvfp4(w, gs, search), gs))
+    return torch.from_numpy(reference.dequantize_mxfp4(*reference.quantize_mxfp4(w, search)))
+
+
+def _layer_pass(plan, sk, store, L, ops, hidden, calls, root, device, gscales, budget, on_note) -> None:
+    """Calibrate decoder layer L: capture, GPTQ, save, then push the windows through it.
+
+    Pass 0 hooks every dense Linear and the first chunk of routed experts; further passes
+    (only when the experts' Hessians exceed ``budget``) capture the next chunks, stopping at
+    the experts. Every capture sees the layer's source weights for what precedes the Linear
+    (dense results are put into the layer only after the last pass; an expert's own result
+    changes no expert input), so the chunking does not change the result."""
     layer = sk.layer(L, store, device)
     pre = f"{sk.prefix}.layers.{L}."
-    mods: dict[str, nn.Linear] = {}
-    for op in ops:
-        sub = op.source.name[len(pre):].removesuffix(".weight")
-        m = layer.get_submodule(sub) if sub else None
-        if not isinstance(m, nn.Linear):
-            raise QStreamError(f"{op.source.name}: is not an nn.Linear of {type(layer).__name__} in transformers; "
-                               "--calibrate cannot hook its inputs; convert without --calibrate.")
-        mods[op.source.name] = m
-    hess = {name: Hessian(m.in_features, device) for name, m in mods.items()}
-    handles = [m.register_forward_pre_hook(lambda _m, args, h=hess[name]: h.add(args[0])) for name, m in mods.items()]
-    try:
-        for k in range(len(hidden)):
-            run_layer(layer, hidden[k], calls[k][L])
-    finally:
-        for h in handles:
-            h.remove()
+    linears, experts = _resolve(layer, pre, ops)
+    mods = {name: layer.get_submodule(sub) for name, sub in linears.items()}
+    chunks = _expert_chunks(layer, ops, experts, budget)
+    stop = _Captured if len(fused_experts(layer)) == 1 else None
     tmp = root / f"layer-{L:05d}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    absmax, gs_used = {}, {}
-    for op in ops:
-        m, stem = mods[op.source.name], op.source.name.removesuffix(".weight")
-        gs = _global_scale(plan, op, store, gscales)
-        w = torch.from_numpy(np.asarray(store.decode(op.source.name), dtype=np.float32))
-        packed, scale, q = gptq_quantize(w, hess[op.source.name].matrix(), op.scheme, gs, plan.options.scale_search)
+    absmax, gs_used, fused, dense_q = {}, {}, {}, []
+    data_free: dict = {}  # (experts module, expert) or a Linear's name -> its data-free modules
+    search = plan.options.scale_search
+    for c, chunk in enumerate(chunks):
+        hess = {name: Hessian(m.in_features, device) for name, m in mods.items()} if c == 0 else {}
+        handles = [m.register_forward_pre_hook(lambda _m, args, h=hess[name]: h.add(args[0]))
+                   for name, m in mods.items()] if c == 0 else []
+        wanted: dict[str, list[int]] = {}
+        for qual, e in chunk:
+            wanted.setdefault(qual, []).append(e)
+        caps = {q: ExpertCapture(layer.get_submodule(q), es, device, stop if c else None) for q, es in wanted.items()}
+        try:
+            for k in range(len(hidden)):
+                try:
+                    run_layer(layer, hidden[k], calls[k][L])
+                except _Captured:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+            for cap in caps.values():
+                cap.remove()
+        members = set(chunk)
+        for op in ops:
+            t = experts.get(op.module)
+            if (t is None and c != 0) or (t is not None and (t.qual, t.expert) not in members):
+                continue
+            h = hess.pop(op.module) if t is None else caps[t.qual].hessian(t)
+            gs = _global_scale(plan, op, store, gscales, fused)
+            w = np.asarray(op_weight(store, op, fused), dtype=np.float32)
+            if h.n == 0:  # no calibration token reached it (a routed expert): data-free
+                q = _data_free(w, op.scheme, gs, search)
+                data_free.setdefault((t.qual, t.expert) if t is not None else op.module, []).append(op.module)
+            else:
+                packed, scale, q = gptq_quantize(torch.from_numpy(w), h.matrix(), op.scheme, gs, search)
+            if t is None:
+                dense_q.append((mods[op.module], q))
+            else:
+                write_back(layer.get_submodule(t.qual), t, q)
+            if h.n == 0:
+                continue
+            _save_npy(tmp, f"{op.module}.packed.npy", packed)
+            _save_npy(tmp, f"{op.module}.scale.npy", scale)
+            absmax[op.module] = h.absmax
+            if gs is not None:
+                gs_used[op.module] = float(gs)
+        del caps, hess
+    for m, q in dense_q:
         m.weight.data.copy_(q.to(device=device, dtype=m.weight.dtype))
-        _save_npy(tmp, f"{stem}.packed.npy", packed)
-        _save_npy(tmp, f"{stem}.scale.npy", scale)
-        absmax[stem] = hess[op.source.name].absmax
-        if gs is not None:
-            gs_used[stem] = float(gs)
-        del hess[op.source.name]
-    for name, obj in ((ABSMAX_FILE, absmax), ("global_scales.json", gs_used)):
+    names = [n for group in data_free.values() for n in group]
+    for key, group in data_free.items():
+        what = f"was routed to expert {key[1]} of {pre}{key[0]} ({', '.join(x.rsplit('.', 1)[-1] for x in group)})" \
+            if isinstance(key, tuple) else f"reached {key}"
+        if on_note is not None:
+            on_note(f"calibration: no calibration token {what}; quantized data-free, without GPTQ")
+    for name, obj in ((ABSMAX_FILE, absmax), ("global_scales.json", gs_used), (DATA_FREE_FILE, names)):
         with open(tmp / name, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True)
             f.flush()
@@ -294,13 +412,16 @@ def load(dst: str | Path, plan: Plan | None = None) -> CalibratedWeights:
     root = _root(Path(dst))
     index: dict[str, str] = {}
     absmax: dict[str, float] = {}
+    data_free: list[str] = []
     for d in sorted(root.glob("layer-[0-9]*")):
         if d.suffix == ".partial":
             continue
         a = json.loads((d / ABSMAX_FILE).read_text())
         absmax.update(a)
-        for stem in a:
-            index[stem + ".weight"] = d.name
+        for module in a:
+            index[module] = d.name
+        if (d / DATA_FREE_FILE).is_file():
+            data_free += json.loads((d / DATA_FREE_FILE).read_text())
     write_atomic(root / ABSMAX_FILE, json.dumps(dict(sorted(absmax.items())), indent=1),
                  tmp=root / (ABSMAX_FILE + ".partial"))
-    return CalibratedWeights(Path(dst), index, absmax)
+    return CalibratedWeights(Path(dst), index, absmax, data_free)

@@ -358,7 +358,8 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
     progress, done = make_progress(console, quiet)
     try:
         cal = calib[0].calibrate(plan, dstp, calib[2], resume=resume, on_layer=lambda i, n: quiet or console.print(
-            f"calibration: decoder layer {i + 1}/{n} quantized (GPTQ)")) if calib else None
+            f"calibration: decoder layer {i + 1}/{n} quantized (GPTQ)"), on_note=lambda s: err.print(
+            f"[yellow]note:[/] {escape(s)}", soft_wrap=True)) if calib else None
         result = Executor(plan, dstp, threads=threads, resume=resume, hooks=hooks, calibrated=cal).run(progress)
         if cal is not None:
             cal.cleanup()

@@ -41,9 +41,9 @@ def _ids(n=6, length=48, seed=0, vocab=256):
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _run(src, dst, ids, *, threads=2, stop_after=None, resume=False, **opts):
+def _run(src, dst, ids, *, threads=2, stop_after=None, resume=False, on_note=None, expert_budget=None, **opts):
     """calibrate + convert through the API (the CLI's own sequence); ``stop_after``: interrupt
-    the pass after that layer."""
+    the pass after that layer; ``on_note``, ``expert_budget``: calibrate's."""
     plan = make_plan(open_checkpoint(src), Options(calibration=calibrate.calibration_key(ids), **opts))
     (dst / STAGING_DIR).mkdir(parents=True, exist_ok=True)
 
@@ -51,7 +51,8 @@ def _run(src, dst, ids, *, threads=2, stop_after=None, resume=False, **opts):
         if stop_after is not None and i == stop_after:
             raise KeyboardInterrupt
 
-    cal = calibrate.calibrate(plan, dst, ids, device="cpu", resume=resume, on_layer=on_layer)
+    kw = {"expert_budget": expert_budget} if expert_budget is not None else {}
+    cal = calibrate.calibrate(plan, dst, ids, device="cpu", resume=resume, on_layer=on_layer, on_note=on_note, **kw)
     convert(plan, dst, threads=threads, calibrated=cal)
     return cal
 
