@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,12 +47,20 @@ def run_timed(cmd: list[str], env: dict | None = None, stderr=None) -> tuple[flo
     wrapped = [TIME, "-f", "%M", "-o", str(rss_file)] + cmd if os.path.exists(TIME) else cmd
     t0 = time.perf_counter()
     # cwd "/": `python -m qstream` must import the PYTHONPATH copy, not one in the current directory
-    p = subprocess.Popen(wrapped, stdout=subprocess.DEVNULL, stderr=stderr, cwd="/", env=env)
+    # stderr kept (``stderr`` set) goes to a file, not a pipe: nobody reads a pipe before the
+    # child exits, and a chatty child (llm-compressor's progress bars) would block on it
+    err_file = tempfile.TemporaryFile() if stderr is not None else None
+    p = subprocess.Popen(wrapped, stdout=subprocess.DEVNULL, stderr=err_file, cwd="/", env=env)
     _, status, ru = os.wait4(p.pid, 0)
     dt = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
-        err = p.stderr.read()[-3000:] if stderr is not None else ""
+        err = ""
+        if err_file is not None:
+            err_file.seek(0)
+            err = err_file.read().decode(errors="replace")[-3000:]
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err}")
+    if err_file is not None:
+        err_file.close()
     if wrapped is cmd:
         raise SystemExit(f"{TIME} (GNU time) is needed for a true peak RSS: apt-get install time")
     rss = int(rss_file.read_text().split()[-1]) * 1024

@@ -65,6 +65,37 @@ def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     return secs, rss
 
 
+def deepen(src: Path, dst: Path, times: int = 2) -> Path:
+    """SmolLM2 with its decoder layers repeated ``times`` times (layer i + k*30 = layer i): the
+    same widths and tokenizer, ``times`` x the depth, for the flat-memory check."""
+    import torch  # noqa: F401
+    from safetensors.torch import load_file, save_file
+
+    if (dst / "config.json").exists():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    out = {}
+    for name, t in tensors.items():
+        if name.startswith("model.layers."):
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            for k in range(times):
+                out[f"model.layers.{int(i) + k * n}.{rest}"] = t.clone()
+        else:
+            out[name] = t
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg["num_hidden_layers"] = n * times
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
 def multi_eval(src: Path, outs: dict[str, Path], ids, ctx: int) -> dict[str, float]:
     """KL mean of each output against src: the source run once, all sides one layer at a time."""
     import torch
@@ -113,6 +144,11 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="extra qstream runs: SCHEME:SEARCH (GPTQ with that search)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="OMP_NUM_THREADS for both tools' processes (default: torch's own choice)")
+    ap.add_argument("--deep", action="store_true",
+                    help="also convert a 2x-deep SmolLM2 (layers repeated) with both tools: peak RSS and wall only")
+    ap.add_argument("--depth-only", type=Path, metavar="OUT",
+                    help="only qstream --calibrate (first of --schemes) on SmolLM2 and on its 2x-deep copy, side by "
+                         "side: peak RSS and wall, written to OUT")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     import smollm2
@@ -143,6 +179,8 @@ def main() -> None:
         scheme, search = extra.split(":")
         runs.append((f"q-{scheme}-gptq-{search}", "qstream", scheme, f"--calibrate (GPTQ), --scale-search {search}",
                      qs + [None, "--mlp", scheme, "--scale-search", search] + calib))
+    if args.depth_only:
+        return depth_only(args, src, qs, calib, env)
     eval_ids = tokenize(src, read_text(EVAL), args.eval_tokens)
     rows = []
     for scheme in dict.fromkeys(r[2] for r in runs):  # one scheme at a time: results written after each
@@ -168,6 +206,55 @@ def main() -> None:
         rows += new
         if args.out:
             write_results(args, rows)
+    if args.deep:  # flat memory: the same widths at twice the depth, peak RSS and wall of each tool
+        deep = deepen(src, args.work / "smollm2-60l")
+        args.deep_rows = []
+        for label, tool, scheme, how, cmd in runs:
+            if "gptq" not in label or scheme != args.schemes[0]:
+                continue
+            dst = args.work / (label + "-60l")
+            shutil.rmtree(dst, ignore_errors=True)
+            cmd = [str(deep) if c == str(src) else str(dst) if c is None else c for c in cmd] + \
+                (["-q"] if tool == "qstream" else [])
+            secs, rss = run_timed(cmd, env)
+            print(f"[{label} 60 layers] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB", flush=True)
+            args.deep_rows.append((tool, scheme, how, secs, rss))
+            shutil.rmtree(dst, ignore_errors=True)
+        if args.out:
+            write_results(args, rows)
+
+
+def depth_only(args, src: Path, qs: list, calib: list, env: dict) -> None:
+    """Flat memory: qstream --calibrate on SmolLM2 (30 layers) and on its 2x-deep copy, alternating."""
+    deep = deepen(src, args.work / "smollm2-60l")
+    scheme = args.schemes[0]
+    res = {30: [], 60: []}
+    for rep in range(2):
+        for n, s in ((30, src), (60, deep)):
+            dst = args.work / f"depth-{n}"
+            shutil.rmtree(dst, ignore_errors=True)
+            secs, rss = run_timed([qs[0], *qs[1:-1], str(s), str(dst), "--mlp", scheme] + calib + ["-q"], env)
+            print(f"[{n} layers, run {rep + 1}] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB", flush=True)
+            res[n].append((secs, rss))
+            shutil.rmtree(dst, ignore_errors=True)
+    size = {n: sum(f.stat().st_size for f in p.glob("*.safetensors")) for n, p in ((30, src), (60, deep))}
+    lines = ["# GPTQ at twice the depth: qstream `convert --calibrate`, peak RSS flat", "",
+             f"Recorded by `benchmarks/bench_gptq.py --depth-only` on {os.cpu_count()} CPU cores, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, OMP_NUM_THREADS={args.torch_threads}. "
+             f"`qstream convert SRC DST --mlp {scheme} --calibrate tests/data/pride_and_prejudice.txt "
+             f"--calib-samples {args.samples} --calib-seqlen {args.seqlen}` on SmolLM2-135M (30 decoder layers, "
+             f"{size[30] / 1e6:.0f} MB BF16) and on a copy with every layer repeated (60 layers, {size[60] / 1e6:.0f} "
+             "MB: same widths, tokenizer and calibration tokens), alternating 30, 60, 30, 60. Peak RSS is GNU "
+             "time's %M of the conversion process.", "",
+             "| layers | source MB | peak RSS, run 1 | run 2 | wall, run 1 | run 2 |", "|---:|---:|---:|---:|---:|---:|"]
+    for n in (30, 60):
+        (t1, r1), (t2, r2) = res[n]
+        lines.append(f"| {n} | {size[n] / 1e6:.0f} | {r1 / 2**20:.0f} MiB | {r2 / 2**20:.0f} MiB | {t1:.0f} s | {t2:.0f} s |")
+    r30, r60 = (max(r for _, r in res[n]) for n in (30, 60))
+    t30, t60 = (min(t for t, _ in res[n]) for n in (30, 60))
+    lines += ["", f"60 / 30 layers: peak RSS {r60 / r30:.2f}x (the model is 2.0x), wall {t60 / t30:.2f}x."]
+    args.depth_only.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def write_results(args, rows: list[dict]) -> None:
@@ -189,6 +276,18 @@ def write_results(args, rows: list[dict]) -> None:
     for r in rows:
         lines.append(f"| {r['scheme']} | {r['tool']} | {r['how']} | {r['kl']:.4f} | {r['ppl']:.3f} | {r['top1']:.3f} "
                      f"| {r['rss'] / 2**20:.0f} MiB | {r['seconds']:.0f} s |")
+    deep = getattr(args, "deep_rows", None)
+    if deep:
+        lines += ["", "The same conversion of a 2x-deep SmolLM2 (60 decoder layers: each layer repeated, same widths "
+                  "and tokenizer), same calibration tokens; peak RSS and wall of each tool, and the ratio to the "
+                  "30-layer run above:", "",
+                  "| scheme | tool | method | peak RSS, 60 layers | x 30 layers | wall, 60 layers | x 30 layers |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for tool, scheme, how, secs, rss in deep:
+            b = next((r for r in rows if r["tool"] == tool and r["scheme"] == scheme and "GPTQ" in r["how"]), None)
+            lines.append(f"| {scheme} | {tool} | {how} | {rss / 2**20:.0f} MiB | "
+                         f"{rss / b['rss']:.2f}x | {secs:.0f} s | {secs / b['seconds']:.2f}x |" if b else
+                         f"| {scheme} | {tool} | {how} | {rss / 2**20:.0f} MiB | | {secs:.0f} s | |")
     args.out.write_text("\n".join(lines) + "\n")
 
 
