@@ -27,7 +27,9 @@ The input absmax per Linear comes from ``--calibrate``'s GPTQ pass itself
 record its max |input|), one pass over the model. Those inputs are what llm-compressor's
 sequential pipeline observes: the decoder layers before L already quantized (weights; GPTQ
 calibrates with quantization disabled, so activations are not fake-quantized), layer L
-itself still the source's. The plan is made once, before the pass, with the input-scale
+itself still the source's (llm-compressor modifiers/quantization/gptq/base.py
+``on_start``: the input observers' calibration hooks, then ``disable_quantization``; each
+subgraph's GPTQ weights are written back before the next one is calibrated). The plan is made once, before the pass, with the input-scale
 tensors in it (shapes only); :func:`set_input_amax` gives the ops their values from the
 pass's statistics before the converter writes them. ``Options.input_amax`` (statistics
 given up front, part of the plan's identity) remains for the library API.
