@@ -22,8 +22,17 @@ export/quant_utils.py, qtensor/nvfp4_tensor.py, export/convert_hf_config.py):
   converted config ModelOpt's ``convert_hf_quant_config_format`` writes for NVFP4); vLLM
   routes a NVFP4 config without it to weight-only.
 
-The input absmax per Linear comes from a calibration pass (``--calibrate``,
-:mod:`qstream.actstats`), handed to the plan as ``Options.input_amax``.
+The input absmax per Linear comes from ``--calibrate``'s GPTQ pass itself
+(:mod:`qstream.calibrate`: the hooks that accumulate each quantized Linear's Hessian also
+record its max |input|), one pass over the model. Those inputs are what llm-compressor's
+sequential pipeline observes: the decoder layers before L already quantized (weights; GPTQ
+calibrates with quantization disabled, so activations are not fake-quantized), layer L
+itself still the source's (llm-compressor modifiers/quantization/gptq/base.py
+``on_start``: the input observers' calibration hooks, then ``disable_quantization``; each
+subgraph's GPTQ weights are written back before the next one is calibrated). The plan is made once, before the pass, with the input-scale
+tensors in it (shapes only); :func:`set_input_amax` gives the ops their values from the
+pass's statistics before the converter writes them. ``Options.input_amax`` (statistics
+given up front, part of the plan's identity) remains for the library API.
 """
 
 from __future__ import annotations
@@ -76,36 +85,56 @@ def check(opts, ops: list) -> None:
 
 def add_input_scales(ops: list, opts, scale_groups: dict[str, list[str]]) -> None:
     """NVFP4 W4A4: one ``input_global_scale`` output per quantized Linear (renamed
-    ``input_scale`` by :func:`qstream.layouts.modelopt.apply_format`)."""
+    ``input_scale`` by :func:`qstream.layouts.modelopt.apply_format`). Its value is set from
+    ``opts.input_amax`` when given, else (``--calibrate``) by :func:`set_input_amax` from the
+    GPTQ pass's statistics before the converter runs."""
     if opts.activations != "nvfp4":
         return
     amax = dict(opts.input_amax)
     for op in ops:
         if op.module_scheme != "nvfp4":
             continue
-        if not amax:  # calibration not run yet (inspect, or the plan checked before calibrating)
-            op.outputs.append(OutTensor(f"{op.module}.input_global_scale", "F32", (1,)))
-            continue
         if op.kind != "quantize":
             raise QStreamError(f"--activations nvfp4: {op.module} is NVFP4 in the source and is repacked; "
                                "qstream writes activation scales only for Linears it quantizes.")
-        members = scale_groups.get(op.scale_group, [op.module])
-        missing = [m for m in members if m not in amax]
-        if missing and ".experts." in missing[0]:
-            raise QStreamError(f"--activations nvfp4: the calibration recorded no input of {missing[0]}: qstream's "
-                               "calibration pass sees per-expert inputs only where transformers builds one Linear per "
-                               "expert, not this model's fused experts; --ignore the experts, or use --activations "
-                               "mxfp4 (dynamic, no calibration).")
-        if missing:
-            raise QStreamError(f"--activations nvfp4: the calibration recorded no input of {missing[0]}; the "
-                               "calibration pass did not run that Linear; check that --calibrate's text reaches "
-                               "it, or --ignore it.")
-        bad = next((m for m in members if not np.isfinite(amax[m]) or amax[m] < 0), None)
-        if bad is not None:
-            raise QStreamError(f"--activations nvfp4: the input absmax of {bad} is {amax[bad]!r}; the calibration "
-                               "produced non-finite activations, the source is damaged.")
-        op.input_amax = max(amax[m] for m in members)  # q/k/v, gate/up share one input
+        if not amax and ".experts." in op.module:
+            raise QStreamError(f"--activations nvfp4: no input statistics are written for the routed experts "
+                               f"({op.module}): qstream's calibrated NVFP4 W4A4 covers dense Linears only; --ignore "
+                               "the experts, or use --activations mxfp4 (dynamic, no calibration).")
         op.outputs.append(OutTensor(f"{op.module}.input_global_scale", "F32", (1,)))
+        if amax:
+            _assign(op, amax, scale_groups)
+
+
+def set_input_amax(plan, amax: dict[str, float]) -> None:
+    """Give every NVFP4 W4A4 op of ``plan`` its input absmax from the calibration statistics
+    ``amax`` ({module: max |input|}, what the GPTQ pass recorded: :class:`qstream.calibrate.
+    CalibratedWeights.input_absmax`; the converter calls it), refusing a Linear it has none of.
+    Ops given their value by ``Options.input_amax`` keep it."""
+    if plan.options.activations != "nvfp4":
+        return
+    for op in plan.ops:
+        if op.module_scheme == "nvfp4" and op.kind == "quantize" and op.input_amax is None:
+            _assign(op, amax, plan.scale_groups)
+
+
+def _assign(op, amax: dict[str, float], scale_groups: dict[str, list[str]]) -> None:
+    members = scale_groups.get(op.scale_group, [op.module])
+    missing = [m for m in members if m not in amax]
+    if missing and ".experts." in missing[0]:
+        raise QStreamError(f"--activations nvfp4: the calibration recorded no input of {missing[0]}: qstream's "
+                           "calibration pass sees per-expert inputs only where transformers builds one Linear per "
+                           "expert, not this model's fused experts; --ignore the experts, or use --activations "
+                           "mxfp4 (dynamic, no calibration).")
+    if missing:
+        raise QStreamError(f"--activations nvfp4: the calibration recorded no input of {missing[0]}; the "
+                           "calibration pass did not run that Linear; check that --calibrate's text reaches "
+                           "it, or --ignore it.")
+    bad = next((m for m in members if not np.isfinite(amax[m]) or amax[m] < 0), None)
+    if bad is not None:
+        raise QStreamError(f"--activations nvfp4: the input absmax of {bad} is {amax[bad]!r}; the calibration "
+                           "produced non-finite activations, the source is damaged.")
+    op.input_amax = max(amax[m] for m in members)  # q/k/v, gate/up share one input
 
 
 def group_amax(opts, plan, op) -> float:

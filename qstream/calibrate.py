@@ -8,7 +8,10 @@ for each decoder layer in turn, as llm-compressor's sequential pipeline does:
 
 1. reads the layer from the shards;
 2. runs every window through it with a hook on each Linear the plan quantizes to FP4,
-   accumulating its Hessian (:class:`qstream.gptq.Hessian`) and its input max |x|;
+   accumulating its Hessian (:class:`qstream.gptq.Hessian`) and its input max |x| (the
+   NVFP4 W4A4 input scales: :func:`qstream.activations.set_input_amax`; the inputs with the
+   layers before L quantized and layer L the source's, as llm-compressor's sequential
+   pipeline observes them, GPTQ calibrating with quantization disabled);
 3. GPTQs each such Linear in plan order (:func:`qstream.gptq.gptq_quantize`: the plan's FP4
    scheme, its NVFP4 global scale computed per fused set from the source weights exactly
    as the converter computes it, the plan's ``--scale-search`` per group) and puts the

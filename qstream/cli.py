@@ -78,38 +78,16 @@ def plan_options(f):
     return f
 
 
-def _calibrated(ckpt, opts: Options, calibrate: str | None, samples: int, seqlen: int) -> Options:
-    """Options with the calibrated input absmax of every Linear (qstream/actstats.py)."""
-    import dataclasses
-
-    if calibrate is None or opts.activations != "nvfp4":
-        return opts
-    if getattr(ckpt, "repo_id", None) or not Path(ckpt.root).is_dir():
-        raise QStreamError("--calibrate needs a local SRC folder (the calibration runs the source layer by layer); "
-                           "download it first.")
-    try:
-        from .actstats import collect_input_amax, token_batches
-    except ImportError as e:
-        raise QStreamError(f"--calibrate needs torch and transformers ({e}); install them with "
-                           "pip install 'qstream[calibrate]'.") from e
-    amax = collect_input_amax(ckpt.root, token_batches(ckpt.root, calibrate, samples, seqlen))
-    return dataclasses.replace(opts, input_amax=tuple(sorted(amax.items())))
-
-
 def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, max_shard_size: str,
                attn: str = "keep", fmt: str = "compressed-tensors",
                revision: str | None = None, download_dir: Path | None = None,
                scale_search: str = Options.scale_search, activations: str = "none", calibrate: str | None = None,
-               calib: tuple[int | None, int | None] = (None, None), run_calibration: bool = True,
                calibration: str | None = None) -> Plan:
     ckpt = open_checkpoint(src, revision=revision, download_dir=download_dir)
     opts = Options(mlp=mlp, attn=attn, ignore=tuple(ignore), recipe=recipe, max_shard_size=parse_size(max_shard_size),
                    format=fmt, scale_search=scale_search, activations=activations,
                    calibrate_label=Path(calibrate).name if calibrate else None, calibration=calibration)
-    plan = make_plan(ckpt, opts)  # every check before the calibration pass; W4A4 scales after it
-    if calibrate is not None and run_calibration and activations == "nvfp4":
-        samples, seqlen = calib
-        plan = make_plan(ckpt, _calibrated(ckpt, opts, calibrate, samples or 128, seqlen or 512))
+    plan = make_plan(ckpt, opts)  # every check before the calibration pass; W4A4 scale values from it
     plan.command = card_command(sys.argv[1:], getattr(ckpt, "repo_id", None) or None)
     return plan
 
@@ -256,7 +234,7 @@ def inspect(src, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, a
             calib_seqlen, tensors, as_json, revision):
     """Show the plan for SRC: what happens to every tensor and the output size. Reads no tensor data."""
     plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, scale_search=scale_search,
-                      activations=activations, calibrate=calibrate, run_calibration=False)
+                      activations=activations, calibrate=calibrate)
     if as_json:
         click.echo(json.dumps(plan_json(plan), indent=1))
     else:
@@ -323,7 +301,6 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
     calib = _calibration_tokens(src, calibrate, calib_samples, calib_seqlen)  # None without --calibrate
     plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, download_dir=download_dir,
                       scale_search=scale_search, activations=activations, calibrate=calibrate,
-                      calib=(calib_samples, calib_seqlen), run_calibration=not dry_run,
                       calibration=calib[1] if calib else None)
     if calib and not calib[0].calibrated_ops(plan):
         raise click.UsageError("--calibrate: the plan quantizes no Linear to FP4 (e.g. --mlp none); nothing to calibrate.")

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
+from . import __version__, activations
 from .errors import QStreamError
 from .journal import open_journal
 from .plan.plan import Op, OutShard, Plan
@@ -129,6 +129,8 @@ class Executor:
                  hooks: Hooks | None = None, resume: bool = False, hold_bytes: int = HOLD_BYTES, calibrated=None) -> None:
         self.plan = plan
         self.calibrated = calibrated  # calibrate.CalibratedWeights: GPTQ codes and scales to write (--calibrate)
+        if calibrated is not None:  # NVFP4 W4A4: the input absmax the same GPTQ pass recorded (one pass)
+            activations.set_input_amax(plan, calibrated.input_absmax())
         self.dst = dst
         self.threads = max(1, threads or os.cpu_count() or 1)
         self.block_bytes = block_bytes

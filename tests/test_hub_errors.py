@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parent.parent / "qstream"
 DECLARED = {"safetensors", "numpy", "ml_dtypes", "huggingface_hub", "zstandard", "rich", "click", "numba",
             "llvmlite", "yaml"}  # yaml: pyyaml (the model card metadata); llvmlite: numba's own code generator, a required dependency of numba (kernels.py intrinsics)
 # the `calibrate` extra (pyproject.toml), imported only by the modules behind `qstream eval` and `--calibrate`
-_CALIBRATE = {"evaluate.py", "layerwise.py", "calibrate.py", "gptq.py", "actstats.py"}
+_CALIBRATE = {"evaluate.py", "layerwise.py", "calibrate.py", "gptq.py"}
 OPTIONAL = {"torch": _CALIBRATE, "transformers": _CALIBRATE}
 
 

@@ -30,43 +30,103 @@ def src(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("w4a4") / "src", cfg, llama_tensors(cfg), n_shards=2)
 
 
+IDS = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))  # (no tokenizer here)
+
+
+def _calibrated_plan(src, dst, **kw):
+    """An NVFP4 W4A4 plan and its one calibration pass (GPTQ + input statistics), as the CLI runs them."""
+    from qstream import calibrate
+
+    plan = make_plan(open_checkpoint(src), Options(mlp="nvfp4", activations="nvfp4", calibrate_label="t.txt",
+                                                   calibration=calibrate.calibration_key(IDS), **kw))
+    return plan, calibrate.calibrate(plan, dst, IDS, device="cpu")
+
+
 @pytest.fixture(scope="module")
-def amax(src):
-    """The collector on the fixture (random token ids: it has no tokenizer)."""
-    from qstream.actstats import collect_input_amax
-
-    g = torch.Generator().manual_seed(0)
-    return collect_input_amax(src, [torch.randint(0, 256, (40,), generator=g) for _ in range(3)], device="cpu")
-
-
-@pytest.fixture(scope="module")
-def outputs(src, amax, tmp_path_factory):
+def outputs(src, tmp_path_factory):
     root = tmp_path_factory.mktemp("w4a4-out")
-    ck = open_checkpoint(src)
     out = {}
-    for name, opts in {
-        "mxfp4": Options(mlp="mxfp4", activations="mxfp4"),
-        "nvfp4": Options(mlp="nvfp4", activations="nvfp4", input_amax=tuple(sorted(amax.items())), calibrate_label="t.txt"),
-        "nvfp4-modelopt": Options(mlp="nvfp4", activations="nvfp4", input_amax=tuple(sorted(amax.items())),
-                                  calibrate_label="t.txt", format="modelopt"),
-    }.items():
-        convert(make_plan(ck, opts), root / name)
-        out[name] = root / name
+    convert(make_plan(open_checkpoint(src), Options(mlp="mxfp4", activations="mxfp4")), root / "mxfp4")
+    out["mxfp4"] = root / "mxfp4"
+    for name, kw in {"nvfp4": {}, "nvfp4-modelopt": {"format": "modelopt"}}.items():
+        plan, cal = _calibrated_plan(src, root / name, **kw)
+        convert(plan, root / name, calibrated=cal)
+        out[name], out[name, "cal"] = root / name, cal
     return out
+
+
+@pytest.fixture(scope="module")
+def amax(outputs):
+    """The input absmax the GPTQ pass recorded (the same for both layouts: same weights, same tokens)."""
+    a = outputs["nvfp4", "cal"].input_absmax()
+    assert a == outputs["nvfp4-modelopt", "cal"].input_absmax()
+    return a
 
 
 def qconfig(d):
     return json.loads((d / "config.json").read_text())["quantization_config"]
 
 
-def test_collector_records_every_linear(amax):
-    """One input absmax per Linear of every layer; partners fed the same input agree."""
-    attn = [f"model.layers.{i}.self_attn.{p}" for i in range(LAYERS) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    assert set(amax) == set(MLP) | set(attn)
+def test_gptq_pass_records_every_quantized_linear(amax):
+    """One input absmax per quantized Linear of every layer; partners fed the same input agree."""
+    assert set(amax) == set(MLP)
     assert all(v > 0 and np.isfinite(v) for v in amax.values())
     for i in range(LAYERS):
         assert amax[f"model.layers.{i}.mlp.gate_proj"] == amax[f"model.layers.{i}.mlp.up_proj"]
-        assert amax[f"model.layers.{i}.self_attn.q_proj"] == amax[f"model.layers.{i}.self_attn.k_proj"]
+
+
+def test_amax_is_what_the_sequential_pass_saw(src, outputs, amax):
+    """The recorded absmax is the max |input| of each Linear as llm-compressor's sequential
+    pipeline observes it: layer 0 on the source; gate/up of layer 1 behind the GPTQ-quantized
+    layer 0 (what the converted model feeds them: its layer-1 attention is unquantized), not
+    behind the source's layer 0 (the removed separate pass)."""
+    import smollm2
+
+    def observed(path):
+        model = smollm2.load_causal_lm(path)
+        seen: dict[str, float] = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".mlp." in name:
+                mod.register_forward_pre_hook(lambda _m, a, name=name: seen.__setitem__(
+                    name, max(seen.get(name, 0.0), float(a[0].abs().max()))))
+        with torch.inference_mode():
+            for w in IDS:
+                model(w.unsqueeze(0))
+        return seen
+
+    source, quantized = observed(src), observed(outputs["nvfp4"])
+    for m in ("gate_proj", "up_proj", "down_proj"):
+        assert amax[f"model.layers.0.mlp.{m}"] == pytest.approx(source[f"model.layers.0.mlp.{m}"], rel=1e-2)
+    for m in ("gate_proj", "up_proj"):
+        k = f"model.layers.1.mlp.{m}"
+        assert amax[k] == pytest.approx(quantized[k], rel=1e-2)
+        assert abs(amax[k] - quantized[k]) < abs(amax[k] - source[k]), (amax[k], quantized[k], source[k])
+
+
+def test_one_pass_through_the_cli(src, tmp_path, monkeypatch):
+    """`convert --activations nvfp4 --calibrate` reads each decoder layer of the source once
+    (the GPTQ pass; no separate statistics pass), and writes the scales of that pass."""
+    from click.testing import CliRunner
+
+    from qstream import calibrate, cli, layerwise
+
+    reads = []
+    real = layerwise.Skeleton.layer
+    monkeypatch.setattr(layerwise.Skeleton, "layer", lambda self, i, *a: reads.append(i) or real(self, i, *a))
+    monkeypatch.setattr(calibrate, "calibration_ids", lambda *a: IDS)  # this source has no tokenizer
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    r = CliRunner().invoke(cli.main, ["convert", str(src), str(tmp_path / "o"), "--mlp", "nvfp4", "--activations",
+                                      "nvfp4", "--calibrate", str(text), "-q"])
+    assert r.exit_code == 0, r.output
+    assert reads == list(range(LAYERS))
+    a = json.loads((tmp_path / "o" / ".cache/huggingface/qstream/calibration/input_absmax.json").read_text())
+    from compressed_tensors.quantization.utils.helpers import generate_gparam
+
+    t = load_dir(tmp_path / "o")
+    for m in MLP:
+        x = torch.tensor([a[m]], dtype=torch.float32)
+        assert torch.equal(t[m + ".input_global_scale"], generate_gparam(-x, x)), m
 
 
 @pytest.mark.parametrize("name,preset", [("mxfp4", "MXFP4"), ("nvfp4", "NVFP4")])
@@ -173,10 +233,9 @@ def test_loads_and_runs_in_transformers(outputs, name):
     assert torch.isfinite(w4a4).all() and not torch.equal(dense, w4a4)
 
 
-def test_same_bytes_whatever_threads(src, amax, outputs, tmp_path):
-    ck = open_checkpoint(src)
-    opts = Options(mlp="nvfp4", activations="nvfp4", input_amax=tuple(sorted(amax.items())), calibrate_label="t.txt")
-    convert(make_plan(ck, opts), tmp_path / "t1", threads=1)
+def test_same_bytes_whatever_threads(src, outputs, tmp_path):
+    plan, cal = _calibrated_plan(src, tmp_path / "t1")
+    convert(plan, tmp_path / "t1", threads=1, calibrated=cal)
     for f in sorted(outputs["nvfp4"].glob("*.safetensors")):
         assert (tmp_path / "t1" / f.name).read_bytes() == f.read_bytes()
 
@@ -228,6 +287,9 @@ def test_moe_experts_without_statistics_are_refused(tmp_path):
     opts = Options(mlp="nvfp4", activations="nvfp4", input_amax=(("model.layers.0.self_attn.q_proj", 1.0),))
     with pytest.raises(QStreamError, match=r"experts\.0\..*--activations mxfp4"):
         make_plan(open_checkpoint(src), opts)
+    calibrated = Options(mlp="nvfp4", activations="nvfp4", calibrate_label="t.txt")  # refused before the pass
+    with pytest.raises(QStreamError, match=r"routed experts \(.*experts\.0\..*--activations mxfp4"):
+        make_plan(open_checkpoint(src), calibrated)
     assert make_plan(open_checkpoint(src), Options(mlp="mxfp4", activations="mxfp4")).quantization_config[
         "config_groups"]["group_0"]["input_activations"]["dynamic"] is True
 

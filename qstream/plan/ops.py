@@ -19,6 +19,7 @@ from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 
+from ..errors import QStreamError
 from ..safetensors_io import DTYPES, TensorInfo, dtype_size
 from ..schemes import ATTN_SCHEMES, SCHEMES, act_scales
 
@@ -254,6 +255,9 @@ class Quantize(Op):
         if gs is not None:
             g = np.float32(1) / gs if self.reciprocal_global_scale else gs
             w.pwrite(self.outputs[2].offset, np.asarray([g], dtype=np.float32))
+        if len(self.outputs) > 3 and self.input_amax is None:  # never a zero scale that looks written
+            raise QStreamError(f"{self.module}: its NVFP4 input scale has no calibrated input absmax; "
+                               "activations.set_input_amax must run after the calibration pass.")
         if self.input_amax is not None:  # ModelOpt: input_scale, a multiplier; compressed-tensors: input_global_scale
             a = act_scales.input_scale(self.input_amax) if self.reciprocal_global_scale else \
                 act_scales.input_global_scale(self.input_amax)
