@@ -15,8 +15,9 @@ PKG = Path(__file__).resolve().parent.parent / "qstream"
 DECLARED = {"safetensors", "numpy", "ml_dtypes", "huggingface_hub", "zstandard", "rich", "click", "numba",
             "llvmlite", "yaml"}  # yaml: pyyaml (the model card metadata); llvmlite: numba's own code generator, a required dependency of numba (kernels.py intrinsics)
 # the `calibrate` extra (pyproject.toml), imported only by the modules behind `qstream eval` and `--calibrate`
-_CALIBRATE = {"evaluate.py", "layerwise.py", "calibrate.py", "gptq.py"}
-OPTIONAL = {"torch": _CALIBRATE, "transformers": _CALIBRATE}
+_CALIBRATE = {"evaluate.py", "layerwise.py", "calibrate.py", "gptq.py", "calib_experts.py", "act_emulation.py"}
+# compressed-tensors (also in the calibrate extra): the W4A4 activation emulation of `qstream eval`
+OPTIONAL = {"torch": _CALIBRATE, "transformers": _CALIBRATE, "compressed_tensors": {"act_emulation.py"}}
 
 
 def test_error_message_needs_no_undeclared_module(monkeypatch):
