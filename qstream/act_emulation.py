@@ -4,8 +4,11 @@ Linear's input, for ``qstream eval`` (and anything else that runs an output laye
 A W4A4 checkpoint (``--activations mxfp4`` / ``nvfp4``) does not only hold FP4 weights: its
 runtime rounds every input of those Linears to FP4 too, and the figures of such a model
 must include that error. The quantize-dequantize here is compressed-tensors' own
-``forward_quantize`` with the checkpoint's own arguments, as tests/w4a4_reference.py and a
-compressed-tensors model in fake-quant mode run it, nothing re-derived:
+``forward_quantize`` with the checkpoint's own arguments, nothing re-derived, run on the
+float32 upcast of the bf16 input: vLLM's quantizers (``ref_nvfp4_quant``, the GPU kernels)
+compute the block scale ``amax / 6`` in float32, where compressed-tensors given bf16 rounds
+it to bf16 first (another FP8 block scale for about 1.4 % of SmolLM2's NVFP4 blocks); on
+float32 the codes equal vLLM's (tests/w4a4_reference.py does the same):
 
 * compressed-tensors: the FP4 config group's ``input_activations`` (MXFP4: dynamic group
   32, E8M0 scales; NVFP4: tensor_group 16 with FP8 block scales computed at run time
@@ -112,8 +115,9 @@ class InputQdq:
                 m.input_global_scale = nn.Parameter(torch.tensor([gs], dtype=torch.float32, device=p.device),
                                                     requires_grad=False)
 
-            def pre(mod, inputs, args=args):
-                return (forward_quantize(mod, inputs[0], "input", args),) + tuple(inputs[1:])
+            def pre(mod, inputs, args=args):  # on the float32 upcast, as vLLM computes the block scales
+                x = inputs[0]
+                return (forward_quantize(mod, x.float(), "input", args).to(x.dtype),) + tuple(inputs[1:])
 
             m.register_forward_pre_hook(pre)
             hooked.add(full)

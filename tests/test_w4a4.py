@@ -17,6 +17,7 @@ from test_convert import load_dir
 from qstream.convert import convert
 from qstream.errors import QStreamError
 from qstream.plan.plan import Options, make_plan
+from qstream.schemes import act_scales
 from qstream.sources.source import open_checkpoint
 from qstream.verify.verify import verify
 
@@ -142,16 +143,18 @@ def test_config_is_the_compressed_tensors_preset(outputs, name, preset):
 
 
 def test_nvfp4_input_global_scale_is_compressed_tensors_gparam(outputs, amax):
-    """input_global_scale = CT generate_gparam(-amax, amax) (448 * 6 / amax, a divisor like
-    weight_global_scale), float32 [1], for every quantized Linear; fused gate/up share it."""
+    """input_global_scale = CT generate_gparam(-a, a) (448 * 6 / a, a divisor like
+    weight_global_scale) of the recorded amax a (the calibrated one + 2**-12, see
+    test_recorded_amax_keeps_activations_off_fp4_ties), float32 [1], for every quantized
+    Linear; fused gate/up share it."""
     from compressed_tensors.quantization.utils.helpers import generate_gparam
 
     t = load_dir(outputs["nvfp4"])
     for m in MLP:
         igs = t[m + ".input_global_scale"]
         assert igs.dtype == torch.float32 and igs.shape == (1,)
-        a = torch.tensor([amax[m]], dtype=torch.float32)
-        assert torch.equal(igs, generate_gparam(-a, a)), m
+        a = torch.tensor([act_scales.recorded_amax(amax[m])], dtype=torch.float32)
+        assert a > amax[m] and torch.equal(igs, generate_gparam(-a, a)), m
     assert not [k for k in t if k.endswith("input_global_scale") and ".self_attn." in k]
     for i in range(LAYERS):
         assert torch.equal(t[f"model.layers.{i}.mlp.gate_proj.input_global_scale"],
@@ -167,14 +170,14 @@ def test_mxfp4_w4a4_has_no_activation_tensor_and_same_weights(outputs, src, tmp_
 
 
 def test_modelopt_w4a4_layout(outputs, amax):
-    """ModelOpt quant_algo NVFP4: input_scale = amax / (6 * 448), float32 0-d (NVFP4QTensor.
+    """ModelOpt quant_algo NVFP4: input_scale = a / (6 * 448) of the recorded amax a, float32 0-d (NVFP4QTensor.
     get_activation_scaling_factor(...).squeeze()); configs as ModelOpt's export writes them."""
     d = outputs["nvfp4-modelopt"]
     t = load_dir(d)
     for m in MLP:
         s = t[m + ".input_scale"]
         assert s.dtype == torch.float32 and s.shape == ()
-        assert s == torch.tensor(amax[m], dtype=torch.float32) / (6 * 448.0), m
+        assert s == torch.tensor(act_scales.recorded_amax(amax[m]), dtype=torch.float32) / (6 * 448.0), m
     hf = json.loads((d / "hf_quant_config.json").read_text())
     assert hf["quantization"]["quant_algo"] == "NVFP4" and hf["quantization"]["group_size"] == 16
     qc = qconfig(d)
@@ -345,3 +348,44 @@ def test_eval_refuses_w4a4_inside_fused_experts(tmp_path):
     convert(make_plan(open_checkpoint(s), Options(mlp="mxfp4", activations="mxfp4")), tmp_path / "out")
     with pytest.raises(QStreamError, match=r"experts\.\d+\.\w+: its activations are quantized \(W4A4\).*fused"):
         evaluate(tmp_path / "out", s, torch.arange(40) % 200, ctx=20, device="cpu")
+
+
+def _vllm_codes(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes of NVFP4 activations as vLLM 0.32 computes them (nvfp4_emulation_utils.
+    ref_nvfp4_quant: float32 block scale, x * 1 / (s * (1 / g)), round half to even)."""
+    xb = x.float().reshape(x.shape[0], -1, 16)
+    s = (g * (xb.abs().amax(-1, keepdim=True) * (1 / 6.0))).clamp(max=448).to(torch.float8_e4m3fn).float()
+    return _e2m1(xb * (1.0 / (s * (1.0 / g))))
+
+
+def _ct_codes(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The same codes as compressed-tensors' fake quantization orders it: x / (s / g)."""
+    xb = x.float().reshape(x.shape[0], -1, 16)
+    s = (g * (xb.abs().amax(-1, keepdim=True) / 6.0)).clamp(max=448).to(torch.float8_e4m3fn).float()
+    return _e2m1(xb / (s / g))
+
+
+def _e2m1(v: torch.Tensor) -> torch.Tensor:
+    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    a = v.abs().clamp(max=6.0)
+    up = torch.bucketize(a, bounds, right=True)  # index of the grid value above a tie
+    down = torch.bucketize(a, bounds, right=False)
+    return torch.where(up == down, up, torch.where(up % 2 == 0, up, down)) * torch.sign(v)  # ties to even code
+
+
+def test_recorded_amax_keeps_activations_off_fp4_ties():
+    """With the plain 2688 / amax of a bf16 amax, bf16 activations land on E2M1 rounding ties,
+    so the codes depend on the runtime's operation order and on the layout (compressed-tensors'
+    2688 / amax vs ModelOpt's 1 / (amax / 2688)); with the recorded amax they do not."""
+    g_ = torch.Generator().manual_seed(0)
+    flips = {"plain": 0, "recorded": 0}
+    for amax in (1.453125, 7.71875, 0.0380859375, 227.0, 3088.0):
+        x = (torch.randn(512, 256, generator=g_) * amax / 4).clamp(-amax, amax).to(torch.bfloat16)
+        x[0, 0] = amax
+        for kind, a in (("plain", np.float32(amax)), ("recorded", act_scales.recorded_amax(amax))):
+            g_ct = torch.tensor(float(np.float32(2688.0) * (np.float32(1.0) / a)))  # CT generate_gparam
+            g_mo = torch.tensor(float(np.float32(1.0) / np.float32(a / np.float32(2688.0))))  # vLLM on ModelOpt
+            ref = _ct_codes(x, g_ct)
+            flips[kind] += int((_vllm_codes(x, g_ct) != ref).sum() + (_vllm_codes(x, g_mo) != ref).sum())
+    assert flips["plain"] > 0, "the tie case no longer arises: the margin is not needed"
+    assert flips["recorded"] == 0, flips

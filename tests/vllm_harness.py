@@ -122,6 +122,8 @@ def _install_standins() -> None:
 
         def apply_weights(self, layer, x, bias=None):
             STANDINS_USED.add("nvfp4-w4a4")
+            if ACT_QDQ.get("nvfp4") is not None:  # a compressed-tensors config: compare the QDQs
+                compare_nvfp4_qdq(layer, x)
             return super().apply_weights(layer, x, bias)
 
     def mxfp4_decode(packed, scale, dtype):
@@ -167,8 +169,32 @@ def _install_standins() -> None:
             m.init_mxfp4_linear_kernel = init_mxfp4
 
 
-# W4A4 MXFP4 of the model being run: its config group's input_activations (QuantizationArgs)
+# W4A4 of the model being run: its config group's input_activations (QuantizationArgs)
 ACT_QDQ: dict = {}
+# NVFP4 W4A4: activation elements vLLM's own QDQ and compressed-tensors' QDQ were both run on
+QDQ_CHECK = {"elements": 0, "differ": 0}
+
+
+def compare_nvfp4_qdq(layer, x: torch.Tensor) -> None:
+    """Count the activation elements where vLLM's own NVFP4 quantize-dequantize
+    (``ref_nvfp4_quant_dequant`` against the ``input_global_scale_inv`` vLLM derived from
+    the checkpoint, what EmulationNvFp4LinearKernel feeds its matmul) differs from
+    compressed-tensors' ``forward_quantize`` with the checkpoint's args and that scale, on
+    the input this layer actually receives (float32, as vLLM computes it). The NLL through
+    a W4A4 model is too chaotic to show a convention difference (tests/test_vllm.py); this
+    count is exact."""
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+    from vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils import ref_nvfp4_quant_dequant
+
+    x2 = x.reshape(-1, x.shape[-1])
+    ours = ref_nvfp4_quant_dequant(x2, layer.input_global_scale_inv, 16)
+    holder = torch.nn.Module()
+    holder.quantization_status = QuantizationStatus.FROZEN
+    holder.input_global_scale = torch.nn.Parameter(layer.input_global_scale_inv.reshape(1).clone(), requires_grad=False)
+    ct = forward_quantize(holder, x2.float(), "input", ACT_QDQ["nvfp4"]).to(x.dtype)
+    QDQ_CHECK["elements"] += ours.numel()
+    QDQ_CHECK["differ"] += int((ours != ct).sum())
 
 
 def ct_input_qdq(x: torch.Tensor, args) -> torch.Tensor:
@@ -188,8 +214,9 @@ def _set_act_qdq(path: str) -> None:
         return
     from compressed_tensors.quantization import QuantizationArgs
     for g in (qc.get("config_groups") or {}).values():
-        if g.get("format") == "mxfp4-pack-quantized" and g.get("input_activations"):
-            ACT_QDQ["mxfp4"] = QuantizationArgs(**g["input_activations"])
+        for kind in ("mxfp4", "nvfp4"):
+            if g.get("format") == f"{kind}-pack-quantized" and g.get("input_activations"):
+                ACT_QDQ[kind] = QuantizationArgs(**g["input_activations"])
 
 
 # ----------------------------------------------------------------------------- capture
@@ -467,6 +494,7 @@ def run_one(path: str, tokens: list[int] | None, max_model_len: int) -> dict:
     STANDINS_USED.clear()
     LOADED.clear()
     PLACEHOLDERS.clear()
+    QDQ_CHECK.update(elements=0, differ=0)
     _set_act_qdq(path)
     kw = {"limit_mm_per_prompt": {"image": 0}} if _is_mm(path) else {}
     has_tok = os.path.exists(os.path.join(path, "tokenizer.json"))
@@ -494,6 +522,8 @@ def run_one(path: str, tokens: list[int] | None, max_model_len: int) -> dict:
         out = llm.generate(TokensPrompt(prompt_token_ids=[1, 2, 3, 4]), SamplingParams(max_tokens=2, temperature=0))
         res["generated"] = list(out[0].outputs[0].token_ids)
     res["standins"] = sorted(STANDINS_USED)
+    if QDQ_CHECK["elements"]:
+        res["nvfp4_qdq"] = dict(QDQ_CHECK)
     del llm
     import gc
     gc.collect()
