@@ -125,9 +125,9 @@ def test_one_pass_through_the_cli(src, tmp_path, monkeypatch):
     from compressed_tensors.quantization.utils.helpers import generate_gparam
 
     t = load_dir(tmp_path / "o")
-    for m in MLP:
-        x = torch.tensor([a[m]], dtype=torch.float32)
-        assert torch.equal(t[m + ".input_global_scale"], generate_gparam(-x, x)), m
+    for m in MLP:  # from the recorded amax (raised off the FP4 ties, act_scales.recorded_amax)
+        x = torch.tensor([act_scales.recorded_amax(a[m])], dtype=torch.float32)
+        assert x > a[m] and torch.equal(t[m + ".input_global_scale"], generate_gparam(-x, x)), m
 
 
 @pytest.mark.parametrize("name,preset", [("mxfp4", "MXFP4"), ("nvfp4", "NVFP4")])
