@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--depth-only", type=Path, metavar="OUT",
                     help="only qstream --calibrate (first of --schemes) on SmolLM2 and on its 2x-deep copy, side by "
                          "side: peak RSS and wall, written to OUT")
+    ap.add_argument("--depth-reps", type=int, default=2, help="alternating runs of each depth (--depth-only)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     import smollm2
@@ -229,7 +230,7 @@ def depth_only(args, src: Path, qs: list, calib: list, env: dict) -> None:
     deep = deepen(src, args.work / "smollm2-60l")
     scheme = args.schemes[0]
     res = {30: [], 60: []}
-    for rep in range(2):
+    for rep in range(args.depth_reps):
         for n, s in ((30, src), (60, deep)):
             dst = args.work / f"depth-{n}"
             shutil.rmtree(dst, ignore_errors=True)
@@ -244,12 +245,12 @@ def depth_only(args, src: Path, qs: list, calib: list, env: dict) -> None:
              f"`qstream convert SRC DST --mlp {scheme} --calibrate tests/data/pride_and_prejudice.txt "
              f"--calib-samples {args.samples} --calib-seqlen {args.seqlen}` on SmolLM2-135M (30 decoder layers, "
              f"{size[30] / 1e6:.0f} MB BF16) and on a copy with every layer repeated (60 layers, {size[60] / 1e6:.0f} "
-             "MB: same widths, tokenizer and calibration tokens), alternating 30, 60, 30, 60. Peak RSS is GNU "
+             "MB: same widths, tokenizer and calibration tokens), alternating 30, 60 (x --depth-reps). Peak RSS is GNU "
              "time's %M of the conversion process.", "",
-             "| layers | source MB | peak RSS, run 1 | run 2 | wall, run 1 | run 2 |", "|---:|---:|---:|---:|---:|---:|"]
+             "| layers | source MB | peak RSS (each run) | wall (each run) |", "|---:|---:|---:|---:|"]
     for n in (30, 60):
-        (t1, r1), (t2, r2) = res[n]
-        lines.append(f"| {n} | {size[n] / 1e6:.0f} | {r1 / 2**20:.0f} MiB | {r2 / 2**20:.0f} MiB | {t1:.0f} s | {t2:.0f} s |")
+        lines.append(f"| {n} | {size[n] / 1e6:.0f} | {', '.join(f'{r / 2**20:.0f} MiB' for _, r in res[n])} | "
+                     f"{', '.join(f'{t:.0f} s' for t, _ in res[n])} |")
     r30, r60 = (max(r for _, r in res[n]) for n in (30, 60))
     t30, t60 = (min(t for t, _ in res[n]) for n in (30, 60))
     lines += ["", f"60 / 30 layers: peak RSS {r60 / r30:.2f}x (the model is 2.0x), wall {t60 / t30:.2f}x."]
