@@ -236,3 +236,22 @@ def test_gpt_oss_bf16_logits(sources, tmp_path):
     with torch.no_grad():
         la, lb = a(IDS).logits.float(), b(IDS).logits.float()
     assert torch.nn.functional.cosine_similarity(la.flatten(), lb.flatten(), dim=0).item() > 0.95
+
+
+@pytest.mark.parametrize("opts,openai", [({"mlp": "mxfp4"}, True), ({"mlp": "nvfp4"}, False),
+                                         ({"mlp": "mxfp4", "attn": "fp8"}, False),
+                                         ({"mlp": "mxfp4", "activations": "mxfp4"}, False)])
+def test_gpt_oss_layout_and_runtime_warning(sources, opts, openai):
+    """OpenAI's layout exactly where it holds the whole output (weight-only MXFP4 experts, the
+    rest as in the source); the per-expert compressed-tensors fallback, which neither vLLM 0.32
+    nor transformers 5.23 loads, is said at plan time (README, "What vLLM does")."""
+    from qstream.plan.plan import Options, make_plan
+    from qstream.sources.source import open_checkpoint
+
+    for src in ("gpt_oss", "gpt_oss_mxfp4"):
+        plan = make_plan(open_checkpoint(sources[src]), Options(**opts))
+        assert (plan.quantization_config["quant_method"] == "mxfp4") == openai, (src, plan.quantization_config)
+        warned = [w for w in plan.warnings if "gpt-oss experts are written per expert" in w]
+        assert bool(warned) == (not openai), (src, plan.warnings)
+        if openai:
+            assert not any(".experts.0." in t.name for s in plan.shards for t in s.tensors)
