@@ -197,6 +197,8 @@ def test_gpt_oss_mxfp4_repack_is_lossless(sources, tmp_path):
         assert raw(out[k]) == raw(src[k]), k
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert qc == json.loads((src_dir / "config.json").read_text())["quantization_config"]
+    v = run_qstream("verify", dst, check=True).stdout  # structure of OpenAI's layout
+    assert "quantized modules: mxfp4 4" in v, v
     p = "model.layers.1.mlp.experts."
     gu = _gpt_oss_decode_source(out[p + "gate_up_proj_blocks"], out[p + "gate_up_proj_scales"])  # [E, H, 2I]
     for e in range(gu.shape[0]):
