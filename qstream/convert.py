@@ -184,8 +184,9 @@ class Executor:
         if isinstance(op_or_info, Op) and op_or_info.view is not None:
             v = op_or_info.view
             step = v.count if v.transpose else max(1, self.block_bytes // (4 * v.in_dim))
-            for r0 in range(0, v.count, step):
-                yield r0, min(v.count, r0 + step)
+            for e in range(v.experts):  # stacked experts: blocks within one expert each
+                for r0 in range(0, v.count, step):
+                    yield e * v.count + r0, e * v.count + min(v.count, r0 + step)
             return
         rows = info.shape[0]
         step = _rows_per_block(info, self.block_bytes)
@@ -217,11 +218,14 @@ class Executor:
                 self._scales.pop(op.src_scale.name, None)
 
     def read_view(self, info: TensorInfo, op: Op, r0: int, r1: int) -> np.ndarray:
-        """Rows [r0, r1) of a view's [count, ...] matrix from one expert of a fused tensor."""
+        """Rows [r0, r1) of a view's [count, ...] matrix from one expert of a fused tensor (of a
+        stacked view's [experts * count, ...] rows: within one expert, see _blocks)."""
         v = op.view
+        e, r0 = divmod(r0, v.count)
+        r1 -= e * v.count
         per_expert = math.prod(info.shape[1:])
         dt = DTYPES[info.dtype]
-        base = info.begin + v.expert * per_expert * dt.itemsize
+        base = info.begin + (v.expert + e) * per_expert * dt.itemsize
         if v.transpose:  # [in, out_total] slab: read it whole, pick the columns, transpose
             slab_shape = info.shape[1:]
             buf = np.empty(per_expert * dt.itemsize, np.uint8)

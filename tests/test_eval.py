@@ -210,23 +210,25 @@ def test_moe_matches_whole_model(tmp_path, family):
     assert r.kld_mean < 0.1
 
 
-@pytest.mark.parametrize("source", ["bf16", "mxfp4"])
-def test_gpt_oss_matches_whole_model(tmp_path, source):
-    """gpt-oss: the per-expert output is assembled into gpt-oss's interleaved, input-major
-    experts with their biases; its own MXFP4 blocks (the released layout) are decoded as
-    transformers decodes them. Reference: transformers with both models whole (the output
-    decompressed by compressed-tensors and fused back into gpt-oss's layout)."""
+@pytest.mark.parametrize("source,mlp", [("bf16", "nvfp4"), ("mxfp4", "nvfp4"), ("bf16", "mxfp4")])
+def test_gpt_oss_matches_whole_model(tmp_path, source, mlp):
+    """gpt-oss: the per-expert NVFP4 output is assembled into gpt-oss's interleaved, input-major
+    experts with their biases; its own MXFP4 blocks (the released layout, and the --mlp mxfp4
+    output) are decoded as transformers decodes them. Reference: transformers with both models
+    whole (an NVFP4 output decompressed by compressed-tensors and fused back into gpt-oss's
+    layout; an MXFP4 one loaded by transformers itself)."""
     from synth import gpt_oss_config, gpt_oss_mxfp4_tensors, gpt_oss_tensors, write_checkpoint
 
     cfg = gpt_oss_config(mxfp4=source == "mxfp4")
     tensors = gpt_oss_mxfp4_tensors(cfg) if source == "mxfp4" else gpt_oss_tensors(cfg)
     src = write_checkpoint(tmp_path / "src", cfg, tensors, n_shards=2)
-    dst = _convert(src, tmp_path / "nv", mlp="nvfp4")
+    dst = _convert(src, tmp_path / "out", mlp=mlp)
     ids = torch.randint(0, 256, (160,), generator=torch.Generator().manual_seed(3))
     r = evaluate(dst, src, ids, ctx=80, device="cpu")
     # MXFP4 -> NVFP4 is exact here: each 32-block's power-of-two scale is an E4M3 scale of
     # both its 16-halves under the global scale, so both sides see no difference at all
-    _assert_same(r, _whole(src, _ct_decompressed(dst, tmp_path / "deq", gpt_oss=True), ids, 80), lossless=source == "mxfp4")
+    ref = _ct_decompressed(dst, tmp_path / "deq", gpt_oss=True) if mlp == "nvfp4" else dst
+    _assert_same(r, _whole(src, ref, ids, 80), lossless=source == "mxfp4")
     assert r.kld_mean < 0.1
 
 

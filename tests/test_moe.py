@@ -78,6 +78,8 @@ def test_moe_bytes_routers_and_shared_scales(sources, tmp_path, name, scheme):
     run_qstream("convert", src_dir, dst, "--mlp", scheme, "--scale-search", "none", "-q", check=True)
     src, out = load_dir(src_dir), load_dir(dst)
     cfg = json.loads((src_dir / "config.json").read_text())
+    if name == "gpt_oss" and scheme == "mxfp4":  # OpenAI's stacked layout: the same codes, stacked
+        out = _openai_as_per_expert(out, src)
     lin = expected_linears(name, src, cfg)
     assert lin, "fixture has MLP linears"
     sets = partner_sets(list(lin))
@@ -99,7 +101,8 @@ def test_moe_bytes_routers_and_shared_scales(sources, tmp_path, name, scheme):
     for k in routers:
         assert raw(out[k]) == raw(src[k]), k
         if k.endswith(".weight"):
-            assert ignored(qc, k.removesuffix(".weight"))
+            assert ignored(qc, k.removesuffix(".weight")) if "ignore" in qc else \
+                "model.layers.*.mlp.router" in qc["modules_to_not_convert"]
     # fused 3-D tensors are never left silently: they are split, nothing else remains
     assert not [k for k, v in out.items() if v.ndim == 3]
 
@@ -151,6 +154,28 @@ def _logits_cosine(src_dir: Path, dst: Path, state_dict: dict[str, torch.Tensor]
     return torch.nn.functional.cosine_similarity(la.flatten(), lb.flatten(), dim=0).item()
 
 
+def _openai_as_per_expert(out: dict[str, torch.Tensor], src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gpt-oss MXFP4 in OpenAI's layout (``*_blocks`` [E, rows, G, 16], ``*_scales``; gate/up rows
+    interleaved) -> the per-expert compressed-tensors names its rows are, checking on the way
+    that nothing else changed: biases copied, no 3-D float expert left, quant_method mxfp4."""
+    res = {k: v for k, v in out.items() if not re.search(r"\.experts\.(gate_up_proj|down_proj)", k)}
+    for k, v in out.items():
+        m = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)_blocks$", k)
+        if not m:
+            continue
+        p, kind = m.groups()
+        sc = out[f"{p}.{kind}_scales"]
+        assert torch.equal(out[f"{p}.{kind}_bias"], src[f"{p}.{kind}_bias"])
+        for e in range(v.shape[0]):
+            packed = v[e].flatten(1)
+            parts = {"gate_proj": slice(0, None, 2), "up_proj": slice(1, None, 2)} if kind == "gate_up_proj" else \
+                {"down_proj": slice(None)}
+            for proj, rows in parts.items():
+                res[f"{p}.{e}.{proj}.weight_packed"] = packed[rows].contiguous()
+                res[f"{p}.{e}.{proj}.weight_scale"] = sc[e][rows].contiguous()
+    return res
+
+
 def _gpt_oss_decode_source(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """transformers' own gpt-oss MXFP4 decoding -> [E, in, out] float32."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
@@ -159,26 +184,26 @@ def _gpt_oss_decode_source(blocks: torch.Tensor, scales: torch.Tensor) -> torch.
 
 
 def test_gpt_oss_mxfp4_repack_is_lossless(sources, tmp_path):
+    """An OpenAI-MXFP4 gpt-oss source -> --mlp mxfp4: written in the same OpenAI layout (what
+    vLLM and transformers load for gpt-oss), so every tensor is the source's, byte for byte, and
+    transformers' own MXFP4 decoding of the output equals compressed-tensors' MXFP4 decoding of
+    the same rows (the codes mean the same in both formats)."""
     src_dir = sources["gpt_oss_mxfp4"]
     dst = tmp_path / "out"
     run_qstream("convert", src_dir, dst, "--mlp", "mxfp4", "-q", check=True)
     src, out = load_dir(src_dir), load_dir(dst)
-    for L in range(2):
-        p = f"model.layers.{L}.mlp.experts."
-        gu = _gpt_oss_decode_source(src[p + "gate_up_proj_blocks"], src[p + "gate_up_proj_scales"])  # [E, H, 2I]
-        dn = _gpt_oss_decode_source(src[p + "down_proj_blocks"], src[p + "down_proj_scales"])  # [E, I, H]
-        for e in range(gu.shape[0]):
-            want = {"gate_proj": gu[e][:, 0::2].T, "up_proj": gu[e][:, 1::2].T, "down_proj": dn[e].T}
-            for proj, w in want.items():
-                m = f"{p}{e}.{proj}"
-                got = ct_decompress_mxfp4(out[m + ".weight_packed"], out[m + ".weight_scale"]).float()
-                assert torch.equal(got, w), m  # decoded values identical: no rounding at all
-            bias = src[p + "gate_up_proj_bias"][e]
-            assert torch.equal(out[f"{p}{e}.gate_proj.bias"], bias[0::2]) and torch.equal(out[f"{p}{e}.up_proj.bias"], bias[1::2])
-            assert torch.equal(out[f"{p}{e}.down_proj.bias"], src[p + "down_proj_bias"][e])
+    assert sorted(out) == sorted(src)
+    for k in src:
+        assert raw(out[k]) == raw(src[k]), k
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]
-    assert qc["format"] == "mxfp4-pack-quantized" and qc["quant_method"] == "compressed-tensors"
-    assert not any(k.endswith(("_blocks", "_scales")) for k in out)
+    assert qc == json.loads((src_dir / "config.json").read_text())["quantization_config"]
+    v = run_qstream("verify", dst, check=True).stdout  # structure of OpenAI's layout
+    assert "quantized modules: mxfp4 4" in v, v
+    p = "model.layers.1.mlp.experts."
+    gu = _gpt_oss_decode_source(out[p + "gate_up_proj_blocks"], out[p + "gate_up_proj_scales"])  # [E, H, 2I]
+    for e in range(gu.shape[0]):
+        ct = ct_decompress_mxfp4(out[p + "gate_up_proj_blocks"][e].flatten(1), out[p + "gate_up_proj_scales"][e])
+        assert torch.equal(ct.float(), gu[e].T), e
 
 
 def test_gpt_oss_mxfp4_to_nvfp4_requantizes(sources, tmp_path):
@@ -195,27 +220,40 @@ def test_gpt_oss_mxfp4_to_nvfp4_requantizes(sources, tmp_path):
 
 
 def test_gpt_oss_bf16_logits(sources, tmp_path):
-    """gpt-oss BF16 fused experts: decode our per-expert output with compressed-tensors,
-    fuse it back into gpt-oss's layout and compare logits with the source."""
+    """gpt-oss BF16 -> --mlp mxfp4 (OpenAI's layout): transformers loads the output itself
+    (its own MXFP4 integration, dequantized on the CPU) and its logits follow the source's."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
     src_dir = sources["gpt_oss"]
     dst = tmp_path / "out"
     run_qstream("convert", src_dir, dst, "--mlp", "mxfp4", "-q", check=True)
-    sd = _dequantized_checkpoint(dst, "mxfp4")
-    src = load_dir(src_dir)
-    fused = {k: v for k, v in sd.items() if not re.search(r"\.experts\.\d+\.", k)}
-    for L in range(2):
-        p = f"model.layers.{L}.mlp.experts."
-        E = src[p + "gate_up_proj"].shape[0]
-        gu, gub, dn, dnb = [], [], [], []
-        for e in range(E):
-            g, u = sd[f"{p}{e}.gate_proj.weight"].T, sd[f"{p}{e}.up_proj.weight"].T
-            gu.append(torch.stack([g, u], dim=-1).reshape(g.shape[0], -1))
-            gub.append(torch.stack([sd[f"{p}{e}.gate_proj.bias"], sd[f"{p}{e}.up_proj.bias"]], -1).reshape(-1))
-            dn.append(sd[f"{p}{e}.down_proj.weight"].T)
-            dnb.append(sd[f"{p}{e}.down_proj.bias"])
-        fused[p + "gate_up_proj"] = torch.stack(gu)
-        fused[p + "gate_up_proj_bias"] = torch.stack(gub)
-        fused[p + "down_proj"] = torch.stack(dn)
-        fused[p + "down_proj_bias"] = torch.stack(dnb)
-        assert torch.equal(fused[p + "gate_up_proj_bias"], src[p + "gate_up_proj_bias"])
-    assert _logits_cosine(src_dir, dst, fused, tmp_path / "deq") > 0.95
+    out = load_dir(dst)
+    assert not any(re.search(r"\.experts\.\d+\.", k) for k in out)
+    a = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.bfloat16)
+    b = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.bfloat16, quantization_config=Mxfp4Config(dequantize=True))
+    p = "model.layers.0.mlp.experts."  # the experts transformers built are the output's, decoded
+    want = _gpt_oss_decode_source(out[p + "gate_up_proj_blocks"], out[p + "gate_up_proj_scales"]).to(torch.bfloat16)
+    assert torch.equal(b.model.layers[0].mlp.experts.gate_up_proj.data, want)
+    assert torch.equal(b.model.layers[0].mlp.experts.down_proj_bias.data, load_dir(src_dir)[p + "down_proj_bias"])
+    with torch.no_grad():
+        la, lb = a(IDS).logits.float(), b(IDS).logits.float()
+    assert torch.nn.functional.cosine_similarity(la.flatten(), lb.flatten(), dim=0).item() > 0.95
+
+
+@pytest.mark.parametrize("opts,openai", [({"mlp": "mxfp4"}, True), ({"mlp": "nvfp4"}, False),
+                                         ({"mlp": "mxfp4", "attn": "fp8"}, False),
+                                         ({"mlp": "mxfp4", "activations": "mxfp4"}, False)])
+def test_gpt_oss_layout_and_runtime_warning(sources, opts, openai):
+    """OpenAI's layout exactly where it holds the whole output (weight-only MXFP4 experts, the
+    rest as in the source); the per-expert compressed-tensors fallback, which neither vLLM 0.32
+    nor transformers 5.23 loads, is said at plan time (README, "What vLLM does")."""
+    from qstream.plan.plan import Options, make_plan
+    from qstream.sources.source import open_checkpoint
+
+    for src in ("gpt_oss", "gpt_oss_mxfp4"):
+        plan = make_plan(open_checkpoint(sources[src]), Options(**opts))
+        assert (plan.quantization_config["quant_method"] == "mxfp4") == openai, (src, plan.quantization_config)
+        warned = [w for w in plan.warnings if "gpt-oss experts are written per expert" in w]
+        assert bool(warned) == (not openai), (src, plan.warnings)
+        if openai:
+            assert not any(".experts.0." in t.name for s in plan.shards for t in s.tensors)

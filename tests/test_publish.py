@@ -127,12 +127,12 @@ def test_card_with_fp8_attention_does_not_claim_it_kept(local_src, tmp_path):
 
 
 def test_gpt_oss_repack_card_and_inspect_agree(gpt_oss_src, tmp_path):
-    """A gpt-oss MXFP4 -> MXFP4 repack is quantized (losslessly): the card, inspect's role
-    table and its total count it by the same rule."""
+    """A gpt-oss MXFP4 -> MXFP4 conversion (OpenAI's layout kept: the blocks copied) is quantized
+    (losslessly): the card, inspect's role table and its total count it by the same rule."""
     p = run_qstream("inspect", gpt_oss_src, "--mlp", "mxfp4", "--json", check=True)
     plan = json.loads(p.stdout)
     per_role = sum(r["quantized"] for r in plan["roles"].values())
-    assert per_role == 24  # 2 layers x 4 experts x gate/up/down
+    assert per_role == 4  # 2 layers x stacked gate_up / down blocks
     table = run_qstream("inspect", gpt_oss_src, "--mlp", "mxfp4", check=True).stdout
     total = re.search(r"total\s*│\s*(\d+)\s*│\s*(\d+)", table)
     assert total and int(total.group(2)) == per_role, table
@@ -140,8 +140,9 @@ def test_gpt_oss_repack_card_and_inspect_agree(gpt_oss_src, tmp_path):
     run_qstream("convert", gpt_oss_src, dst, "--mlp", "mxfp4", "-q", check=True)
     card = (dst / "README.md").read_text()
     assert "(unquantized)" not in card and "nothing (all tensors kept)" not in card
-    assert "# " in card and "(MXFP4)" in card and "repacked from the source's MXFP4, lossless" in card
-    assert "| mlp | mxfp4 | 24 | 0 (lossless repack) |" in card
+    assert "# " in card and "(MXFP4)" in card and "the source's gpt-oss MXFP4 blocks, copied: lossless" in card
+    assert "| mlp | mxfp4 | 4 | 0 (lossless repack) |" in card
+    assert "`quant_method: mxfp4`" in card and "cannot load per-expert" not in card
     assert card_meta(card)["tags"][-1] == "mxfp4"
 
 

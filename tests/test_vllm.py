@@ -95,9 +95,17 @@ VARIANTS: dict[str, tuple[str, list[str], bool, str]] = {
     "mixtral-nvfp4": ("mixtral", ["--mlp", "nvfp4"], False, "loaded:gptq_marlin_repack"),
     "mixtral-nvfp4-modelopt": ("mixtral", ["--mlp", "nvfp4", "--format", "modelopt"], False, "loaded:gptq_marlin_repack"),
     "deepseek-v3-nvfp4": ("deepseek_v3", ["--mlp", "nvfp4"], False, "loaded:gptq_marlin_repack"),
-    "gpt-oss-mxfp4": ("gpt_oss", ["--mlp", "mxfp4"], False, "broken:w2_bias"),
-    "gpt-oss-mxfp4-repack": ("gpt_oss_mxfp4", ["--mlp", "mxfp4"], False, "broken:w2_bias"),
+    # gpt-oss MXFP4 is written in OpenAI's stacked layout (quant_method mxfp4): vLLM's own
+    # GptOssMxfp4MoEMethod with its Marlin MoE backend on the CPU (parameters rounded up for the
+    # kernel: the padding must be zeros); Marlin's repack op is GPU-only
+    "gpt-oss-mxfp4": ("gpt_oss", ["--mlp", "mxfp4"], False, "loaded:gptq_marlin_repack"),
+    "gpt-oss-mxfp4-repack": ("gpt_oss_mxfp4", ["--mlp", "mxfp4"], False, "loaded:gptq_marlin_repack"),
+    # NVFP4 gpt-oss (per-expert compressed-tensors): no NVFP4 MoE method of vLLM 0.32
+    # (compressed-tensors' or ModelOpt's) registers expert biases, and gpt-oss has them
+    "gpt-oss-nvfp4": ("gpt_oss", ["--mlp", "nvfp4"], False, "broken:w2_bias"),
 }
+# the MoE method vLLM must build for a variant's experts
+MOE_METHOD = {"gpt-oss-mxfp4": "GptOssMxfp4MoEMethod", "gpt-oss-mxfp4-repack": "GptOssMxfp4MoEMethod"}
 
 
 def _sources(root: Path, smollm2: Path) -> dict[str, Path]:
@@ -178,6 +186,7 @@ def test_vllm_builds_every_variant(matrix, name):
     # every parameter is made of checkpoint tensors, byte for byte; nothing is left over
     p = r["params"]
     assert not p["uncovered"], f"{name}: vLLM parameters not filled from the checkpoint: {p['uncovered']}"
+    assert not p.get("bad_padding"), f"{name}: vLLM parameters padded with non-zeros: {p['bad_padding']}"
     unused = [t for t in p["unused"] if not _skipped_tower(t, matrix["outs"][name])]
     assert not unused, f"{name}: checkpoint tensors vLLM left unused: {unused}"
     assert p["n_params"] > 0 and p["n_ckpt"] > 0
@@ -187,6 +196,9 @@ def test_vllm_builds_every_variant(matrix, name):
             assert not any("packed" in n or "global_scale" in n for n in info["params"]), (name, layer, info)
         else:
             assert any(k in info["method"] for k in ("Fp4", "Nvfp4", "Mxfp4", "Fp8", "ModelOpt")), (name, layer, info)
+    if name in MOE_METHOD:
+        moe = {v["method"] for v in r["layers"].values() if v["kind"] == "moe"}
+        assert moe == {MOE_METHOD[name]}, (name, moe)
     if kind == "loaded":
         assert msg in r.get("process_error", ""), f"{name}: {r.get('process_error')}"
     else:

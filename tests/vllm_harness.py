@@ -276,7 +276,8 @@ def _install_capture() -> None:
         MODEL_REF[:] = [model, kv_cache_params(model)]
         # checked here, before vLLM repacks the parameters (and before anything that
         # needs a GPU-only custom op can fail)
-        LOADED.update(params=check_params(MODEL_REF[1] | PLACEHOLDERS), layers=layer_methods(model),
+        LOADED.update(params=check_params(MODEL_REF[1] | PLACEHOLDERS, getattr(type(model), "hf_to_vllm_mapper", None)),
+                      layers=layer_methods(model),
                       placeholders=len(PLACEHOLDERS))
         return orig_pwal(model, model_config, target_device)
 
@@ -301,10 +302,15 @@ def _attr(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _mark(p: torch.Tensor, t: torch.Tensor, cov: torch.Tensor) -> bool:
+def _mark(p: torch.Tensor, t: torch.Tensor, cov: torch.Tensor, pad: torch.Tensor) -> bool:
     """Mark in ``cov`` (p's shape) every place where checkpoint tensor ``t`` sits in
     parameter ``p`` byte for byte: a scalar anywhere, else a run of rows along dim 0
-    of ``p`` or of one expert ``p[e]``. Returns whether ``t`` was found."""
+    of ``p`` or of one expert ``p[e]``, else (a parameter vLLM rounded up for its kernel,
+    as gpt-oss's MXFP4 experts) its leading corner ``p[:a, :b, :c]``, whose padding is
+    marked in ``pad``. MXFP4 blocks [..., G, 16] are compared as [..., G * 16]. Returns
+    whether ``t`` was found."""
+    if t.dim() == p.dim() + 1 and t.dtype == torch.uint8 and t.shape[-1] == 16:
+        t = t.flatten(-2)
     if p.dtype != t.dtype:
         # vLLM casts some scales on load (e.g. a bf16 FP8 weight_scale into its float32
         # parameter): accept only a lossless cast
@@ -320,6 +326,14 @@ def _mark(p: torch.Tensor, t: torch.Tensor, cov: torch.Tensor) -> bool:
         hits = (pr.reshape(-1, pr.shape[-1]) == tr.reshape(-1)).all(dim=1)
         cov.reshape(-1)[hits] = True
         return bool(hits.any())
+    if t.dim() == p.dim() and t.shape[1:] != p.shape[1:] and all(a <= b for a, b in zip(t.shape, p.shape)):
+        corner = tuple(slice(0, n) for n in t.shape)
+        if not torch.equal(pr[corner], tr):
+            return False
+        cov[corner] = True
+        pad[...] = True
+        pad[corner] = False
+        return True
     if t.dim() == p.dim():
         subs = [(cov, pr)]
     elif p.dim() == t.dim() + 1:
@@ -339,31 +353,45 @@ def _mark(p: torch.Tensor, t: torch.Tensor, cov: torch.Tensor) -> bool:
     return found
 
 
-def check_params(kv_defaults: set[str]) -> dict:
+def check_params(kv_defaults: set[str], mapper=None) -> dict:
     """Every parameter fully made of checkpoint tensors; every checkpoint tensor used.
 
     ``kv_defaults``: parameters of vLLM's KV-cache method (q/k/v scales), which take
     defaults when a checkpoint has none (vLLM's own weight tracking exempts them too).
+    ``mapper``: the architecture's ``hf_to_vllm_mapper``, which names a checkpoint
+    tensor's parameter (gpt-oss: ``gate_up_proj_blocks`` -> ``w13_weight``). Padding vLLM
+    adds to a parameter beyond the checkpoint tensor must be zeros (``padding`` counts it).
     """
     params = {n: p for n, p in SNAPSHOT.items() if n not in kv_defaults}
     covered = {n: torch.zeros(p.shape if p.dim() else (1,), dtype=torch.bool) for n, p in params.items()}
+    padded = {n: torch.zeros_like(c) for n, c in covered.items()}
     by_attr: dict[str, list[str]] = {}
     for n in params:
         by_attr.setdefault(_attr(n), []).append(n)
     unused = []
     for cname, t in CKPT.items():
-        ca = _attr(cname)
+        vname = (mapper.map_name(cname) if mapper is not None else None) or cname
+        ca = _attr(vname)
         cands = [n for a, ns in by_attr.items() if a.endswith(ca) for n in ns]
         lk = _layer_key(cname)
         cands = [n for n in cands if _layer_key(n) == lk] or cands
         found = False
         for n in cands:
-            found |= _mark(params[n], t, covered[n])
+            found |= _mark(params[n], t, covered[n], padded[n])
         if not found:
             unused.append(cname)
+    padding, bad_padding = 0, {}
+    for n, pad in padded.items():
+        pad &= ~covered[n]
+        if bool(pad.any()):
+            zero = (_raw(params[n]) == 0).all(dim=-1).reshape(pad.shape)
+            if not bool(zero[pad].all()):
+                bad_padding[n] = int((pad & ~zero).sum())
+            covered[n] |= pad & zero
+            padding += int((pad & zero).sum())
     uncovered = {n: int((~c).sum()) for n, c in covered.items() if not bool(c.all())}
     return {"unused": sorted(unused), "uncovered": uncovered, "n_params": len(params),
-            "n_ckpt": len(CKPT), "kv_defaults": len(kv_defaults)}
+            "n_ckpt": len(CKPT), "kv_defaults": len(kv_defaults), "padding": padding, "bad_padding": bad_padding}
 
 
 def kv_cache_params(model) -> set[str]:
@@ -457,6 +485,9 @@ def config_resolution(path: str) -> dict:
     elif method == "modelopt":
         from vllm.model_executor.layers.quantization.modelopt import ModelOptNvFp4Config
         c = ModelOptNvFp4Config.from_config(qc)
+    elif method == "mxfp4":  # gpt-oss in OpenAI's layout: the experts only (GptOssMxfp4MoEMethod, see layers)
+        from vllm.model_executor.layers.quantization.mxfp4 import GptOssMxfp4Config
+        c = GptOssMxfp4Config.from_config(qc)
     else:
         raise ValueError(f"no quantization_config vLLM reads in {path}")
     if mapper is not None:
@@ -476,6 +507,10 @@ def config_resolution(path: str) -> dict:
         if method == "compressed-tensors":
             d = c.get_scheme_dict(layer, vname)
             got = _category(d.get("weights") if d else None)
+        elif method == "mxfp4":  # vLLM's own answer for a Linear (a bare instance: only its class is looked at)
+            from vllm.model_executor.layers.linear import RowParallelLinear
+            qm = c.get_quant_method(object.__new__(RowParallelLinear), vname)
+            got = "unquantized" if qm is None or type(qm).__name__ == "UnquantizedLinearMethod" else type(qm).__name__
         elif layer is kinds["embedding"]:  # ModelOpt quantizes Linear, LM-head and MoE layers only
             got = "unquantized"
         else:

@@ -101,8 +101,11 @@ def oversized_tensors(ops: list, max_size: int) -> list[str]:
 
 def runtime_warnings(family: str, ops: list) -> list[str]:
     """What a runtime is known not to load, said at plan time (README, "What vLLM does")."""
-    if family == "gpt_oss" and any(op.view is not None and op.quantized for op in ops):
-        return ["gpt-oss experts are written per expert (the layout transformers and compressed-tensors "
-                "load); vLLM 0.32 cannot load FP4 gpt-oss checkpoints in this layout (it reads only OpenAI's "
-                "own MXFP4 blocks), so serve this output with transformers, not vLLM."]
+    if family == "gpt_oss" and any(op.view is not None and op.view.experts == 1 and op.quantized for op in ops):
+        # MXFP4 weight-only is written in OpenAI's stacked layout (layouts/openai_mxfp4.py), which both load
+        return ["gpt-oss experts are written per expert in compressed-tensors (only --mlp mxfp4 without "
+                "--attn fp8 / --activations / --recipe is written in OpenAI's MXFP4 layout): vLLM 0.32 cannot load "
+                "it (its compressed-tensors and ModelOpt FP4 MoE methods have no expert biases) and transformers "
+                "5.23 leaves the experts unloaded (it fuses them into 3-D parameters compressed-tensors does not "
+                "quantize); only compressed-tensors' per-module decompression reads it."]
     return []

@@ -50,7 +50,10 @@ class View:
 
     The source holds expert ``expert`` as a [out_total, in_dim] slab (or [in_dim,
     out_total] when ``transpose``); the view takes ``count`` output rows starting
-    at ``start`` with stride ``step`` (2 for gpt-oss's interleaved gate/up).
+    at ``start`` with stride ``step`` (2 for gpt-oss's interleaved gate/up). With
+    ``experts`` > 1 the view is ``experts`` such slabs stacked, from expert ``expert`` on
+    (OpenAI's stacked MXFP4 layout for gpt-oss): [experts * count, in_dim] rows, a row
+    block never crossing an expert.
     """
 
     expert: int
@@ -59,6 +62,7 @@ class View:
     step: int
     count: int
     in_dim: int
+    experts: int = 1
 
 
 @dataclass
@@ -91,16 +95,17 @@ class Op:
     def bytes_in(self) -> int:
         """Source bytes this op accounts for (a view: its share of the fused tensor)."""
         if self.view is not None:
+            rows = self.view.count * self.view.experts
             if self.layout == "mxfp4":
-                return self.view.count * (self.view.in_dim // 2 + self.view.in_dim // 32)
-            return self.view.count * self.view.in_dim * dtype_size(self.source.dtype)
+                return rows * (self.view.in_dim // 2 + self.view.in_dim // 32)
+            return rows * self.view.in_dim * dtype_size(self.source.dtype)
         return self.source.nbytes + (self.src_scale.nbytes if self.src_scale is not None else 0)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The logical shape this op reads: a view's [count, in_dim], else the source's."""
         if self.view is not None:
-            return (self.view.count, self.view.in_dim)
+            return (self.view.count * self.view.experts, self.view.in_dim)
         return self.source.shape
 
     @property
@@ -117,7 +122,7 @@ class Op:
     def converted(self) -> bool:
         """Quantized by this run (FP4 from floats or FP8, FP8 from floats, an FP4 repack), as
         opposed to an FP8 weight kept as the source has it."""
-        return self.quantized and (self.kind != "copy" or self.layout == "modelopt")
+        return self.quantized and (self.kind != "copy" or self.layout in ("modelopt", "openai"))
 
     @property
     def action(self) -> str:
@@ -130,11 +135,15 @@ class Op:
             return "split per expert"
         if self.kind == "quantize":
             src = {"mxfp4": " (from mxfp4)", None: ""}.get(self.layout, " (from fp8)")
+            if self.view is not None and self.view.experts > 1:
+                return self.scheme + src + " (openai layout)"
             return self.scheme + src + (" per expert" if self.view else "")
         if self.kind == "fp8":
             return ATTN_SCHEMES[self.scheme].label + (" (from fp8)" if self.src_scale is not None else "")
         if self.kind == "dequantize":
             return "fp8 -> bf16"
+        if self.module_scheme == "mxfp4":  # gpt-oss MXFP4 blocks kept in OpenAI's layout
+            return "mxfp4 kept (openai layout)"
         if self.module_scheme is not None:
             return "fp8 kept"
         if self.kind == "cast":

@@ -18,7 +18,7 @@ from .. import __version__, activations
 from ..sources.checkpoint import Checkpoint
 from ..errors import QStreamError
 from .ops import Cast, Copy, Dequantize, Fp8Encode, Op, OutShard, OutTensor, Quantize, Repack, Slice, View
-from ..layouts import modelopt
+from ..layouts import modelopt, openai_mxfp4
 from ..layouts.compressed_tensors import quantization_config
 from .checks import (check_something_quantized, check_source_quantization, group_warnings, oversized_tensors,
                      runtime_warnings, unknown_family_warning, unmatched_ignores)
@@ -215,7 +215,12 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
     check_something_quantized(src, opts, ops, warnings)
     shards = _assign_shards(ops, opts.max_shard_size)
     warnings += oversized_tensors(ops, opts.max_shard_size) + runtime_warnings(family.name, ops)
-    qconfig = modelopt.quantization_config(ops) if opts.format == "modelopt" else quantization_config(ops, src.config, family)
+    if opts.format == "modelopt":
+        qconfig = modelopt.quantization_config(ops)
+    elif experts.openai:
+        qconfig = openai_mxfp4.quantization_config(src.config, ops)
+    else:
+        qconfig = quantization_config(ops, src.config, family)
     activations.apply_ct_config(qconfig if opts.format != "modelopt" else None, opts)
     return Plan(src, opts, family.name, ops, shards, scale_groups, qconfig, warnings)
 
@@ -227,6 +232,7 @@ FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|dow
 class ExpertsPlan:
     ops: dict[str, list[Op]] = field(default_factory=dict)  # source tensor -> its per-expert ops
     consumed: set[str] = field(default_factory=set)  # tensors read by those ops, not planned on their own
+    openai: bool = False  # gpt-oss experts written in OpenAI's stacked MXFP4 layout (layouts/openai_mxfp4.py)
 
 
 def _hidden_size(config: dict) -> int | None:
@@ -253,6 +259,7 @@ def plan_fused_experts(src: Checkpoint, family, classifier: Classifier, opts: Op
     in_out = getattr(family, "experts_layout", "out_in") == "in_out"
     interleaved = bool(getattr(family, "experts_interleaved", False))
     mxfp4_src = (src.config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+    openai = openai_mxfp4.applies(family, opts, recipe)  # gpt-oss MXFP4: OpenAI's stacked layout
     for name, info in src.tensors.items():
         m = FUSED_EXPERTS.match(name)
         if not m or (m.group("suffix") == "_bias"):
@@ -294,6 +301,16 @@ def plan_fused_experts(src: Checkpoint, family, classifier: Classifier, opts: Op
                 warnings.append(f"{name}: input dimension {in_dim} is not a multiple of {scheme.name}'s group size "
                                 f"{scheme.group_size}; left fused and unquantized")
                 continue
+        bias = src.tensors.get(f"{prefix}.{kind}_bias")
+        if openai:
+            res.ops[name] = openai_mxfp4.expert_ops(role, info, scales if blocks else None, prefix, kind, E, out_total,
+                                                    in_dim, transpose)
+            if blocks:
+                res.consumed.add(scales.name)
+            if bias is not None:
+                res.ops[bias.name] = [openai_mxfp4.bias_op(role, bias)]
+            res.openai = True
+            continue
         if kind == "gate_up_proj":
             if out_total % 2:
                 raise QStreamError(f"tensor {name!r} has an odd gate_up dimension {out_total}; cannot split gate/up.")
@@ -319,7 +336,6 @@ def plan_fused_experts(src: Checkpoint, family, classifier: Classifier, opts: Op
         res.ops[name] = ops
         if blocks:
             res.consumed.add(scales.name)
-        bias = src.tensors.get(f"{prefix}.{kind}_bias")
         if bias is not None and len(bias.shape) == 2 and bias.shape[0] == E:
             bops = []
             for e in range(E):
@@ -328,7 +344,7 @@ def plan_fused_experts(src: Checkpoint, family, classifier: Classifier, opts: Op
                     bops.append(Slice(role, bias, [OutTensor(f"{prefix}.{e}.{proj}.bias", bias.dtype, (count,))],
                                       view=view, out_module=f"{prefix}.{e}.{proj}"))
             res.ops[bias.name] = bops
-    if mxfp4_src and not any(op.kind in ("repack", "quantize") for ops in res.ops.values() for op in ops):
+    if mxfp4_src and not res.openai and not any(op.kind in ("repack", "quantize") for ops in res.ops.values() for op in ops):
         raise QStreamError(f"{src.root}: quantization_config says mxfp4 but no experts *_blocks tensors were found.")
     return res
 

@@ -11,6 +11,7 @@ import math
 import re
 
 from .. import __version__, activations
+from ..layouts import openai_mxfp4
 from ..plan.plan import Plan
 from ..schemes import ATTN_SCHEMES, FP4_DTYPE, SCHEMES
 
@@ -83,6 +84,8 @@ def _kind(op) -> str:
         return f"{fmt} (repacked from the source's MXFP4, lossless)"
     if op.kind == "fp8":
         return f"fp8 ({ATTN_SCHEMES[op.scheme].preset}, made from the source)"
+    if op.kind == "copy" and op.layout == "openai":
+        return f"{fmt} (the source's gpt-oss MXFP4 blocks, copied: lossless)"
     if op.kind == "copy":
         return "fp8 (kept from the source)"
     src = {None: "", "mxfp4": " from MXFP4"}.get(op.layout, " from FP8")
@@ -97,7 +100,7 @@ def _measured_rows(plan: Plan, measured: dict | None) -> list[str]:
     if measured is None:
         return ["Measured when the conversion finishes."]
     lossless = {f"{op.role}/{op.module_scheme.split(':')[0]}" for op in plan.ops
-                if op.quantized and (op.kind == "repack" or op.layout == "modelopt")}
+                if op.quantized and (op.kind == "repack" or op.layout in ("modelopt", "openai"))}
     rows = ["| role | format | tensors | relative error ‖w − ŵ‖ / ‖w‖ | SNR (dB) |", "|---|---|---:|---:|---:|"]
     for key, (sum_sq, err_sq, n) in measured.items():
         role, fmt = key.split("/")
@@ -126,7 +129,10 @@ def _requirements(plan: Plan, fmts: list[str], moe: bool) -> list[str]:
                    "or higher. Native FP4 on Blackwell data-center GPUs (SM 10.0 / 10.3, e.g. B200, GB200, B300) "
                    "through FlashInfer's CuTe-DSL W4A16 kernel; on Turing, Ampere, Ada and Hopper (SM 7.5-9.0) "
                    "through the FP4 Marlin kernel (weights decoded in the kernel, BF16 math).")
-    if "mxfp4" in fmts and not modelopt:
+    openai = openai_mxfp4.is_openai(plan.quantization_config)
+    if openai:
+        out.append(openai_mxfp4.CARD_REQUIREMENT.format(v=VLLM_CHECKED))
+    elif "mxfp4" in fmts and not modelopt:
         out.append(f"- **MXFP4** (`mxfp4-pack-quantized`): vLLM {VLLM_CHECKED} or later. Compute capability 8.0 or "
                    "higher. On SM 10.0+ with FlashInfer's CuTe-DSL kernels vLLM runs it natively as W4A4 (it also "
                    "quantizes the activations to MXFP4 at run time); elsewhere (Ampere, Ada, Hopper) weight-only "
@@ -138,7 +144,7 @@ def _requirements(plan: Plan, fmts: list[str], moe: bool) -> list[str]:
         return ["None beyond the base model's: nothing was quantized."]
     if activations.card_requirement(plan.options):
         out.append(activations.card_requirement(plan.options))
-    if moe and not modelopt:
+    if moe and not modelopt and not openai:
         out += ["", "transformers 5.23 with compressed-tensors 0.20 cannot load per-expert FP4 MoE weights (it fuses "
                 "the experts on load); serve this model with vLLM."]
     return out
@@ -166,7 +172,8 @@ def model_card(plan: Plan, measured: dict | None = None) -> str:
             yaml_meta[k] = meta[k]
     yaml_meta["library_name"] = "transformers"
     tags = [t for t in (meta.get("tags") or []) if isinstance(t, str)] if isinstance(meta.get("tags"), list) else []
-    ours = ["qstream", "modelopt" if modelopt else "compressed-tensors", "vllm", *fmts]
+    openai = openai_mxfp4.is_openai(plan.quantization_config)
+    ours = ["qstream", *([] if openai else ["modelopt" if modelopt else "compressed-tensors"]), "vllm", *fmts]
     yaml_meta["tags"] = tags + [t for t in ours if t not in tags]
     import yaml
 
@@ -235,10 +242,11 @@ def model_card(plan: Plan, measured: dict | None = None) -> str:
     if modelopt:
         usage_tf = ["This ModelOpt layout is for vLLM and TensorRT-LLM; for transformers convert with the default "
                     "`--format compressed-tensors`."]
-    elif moe:
+    elif moe and not openai:
         usage_tf = []
     else:
-        usage_tf = ["transformers" + (" (with `pip install compressed-tensors`):" if fmts else ":"), "", "```python",
+        usage_tf = ["transformers" + (" (its own MXFP4 integration):" if openai else
+                                      " (with `pip install compressed-tensors`):" if fmts else ":"), "", "```python",
                     "import torch",
                     f"from transformers import {cls}", "",
                     f'model = {cls}.from_pretrained("{repo}", dtype=torch.bfloat16)', "```"]
@@ -263,7 +271,7 @@ def model_card(plan: Plan, measured: dict | None = None) -> str:
         "```", command, "```", "",
         (MODELOPT_NOTE.replace("weight-only NVFP4 checkpoint (`quant_algo: W4A16_NVFP4`", "NVFP4 W4A4 checkpoint "
                                "(`quant_algo: NVFP4`, with `input_scale`") if modelopt and plan.options.activations
-         != "none" else MODELOPT_NOTE if modelopt else
+         != "none" else MODELOPT_NOTE if modelopt else openai_mxfp4.CARD_NOTE if openai else
          "The `quantization_config` in config.json is in the compressed-tensors format, which vLLM and "
          "transformers (with `compressed-tensors` installed) read directly." if fmts else
          "config.json has no `quantization_config`: this is a plain checkpoint."), "",

@@ -193,6 +193,9 @@ class Verifier(ModeloptChecks, SourceMeasure):
                 (qc is None and (self.dst / HF_QUANT_CONFIG).exists()):
             self._resolve_modelopt(qc)
             return
+        if isinstance(qc, dict) and qc.get("quant_method") == "mxfp4":  # gpt-oss in OpenAI's layout
+            self._resolve_openai(qc)
+            return
         if (self.dst / HF_QUANT_CONFIG).exists():
             self.warn(f"{HF_QUANT_CONFIG}: left beside a compressed-tensors config.json; TensorRT-LLM would read "
                       "it as a ModelOpt checkpoint (delete it)")
@@ -226,6 +229,37 @@ class Verifier(ModeloptChecks, SourceMeasure):
             for t in resolver.target_to_group:
                 if t not in resolver.used:
                     self.warn(f"config.json: target {t!r} ({resolver.target_to_group[t].name}) matches no module")
+
+    def _resolve_openai(self, qc: dict) -> None:
+        """gpt-oss MXFP4 in OpenAI's layout (qstream/layouts/openai_mxfp4.py): every stacked
+        ``*_blocks`` U8 [E, rows, G, 16] has its ``*_scales`` U8 [E, rows, G] (and a ``*_bias``
+        [E, rows] if any); everything else is unquantized. Structure only: ``--source`` does not
+        measure this layout yet."""
+        if not isinstance(qc.get("modules_to_not_convert"), list):
+            self.error("config.json", "quantization_config (quant_method mxfp4) has no modules_to_not_convert list")
+        if self.config.get("model_type") != "gpt_oss":
+            self.error("config.json", f"quant_method mxfp4 is gpt-oss's layout, but model_type is "
+                                      f"{self.config.get('model_type')!r}")
+        for name, t in self.tensors.items():
+            if not name.endswith("_blocks"):
+                continue
+            base = name.removesuffix("_blocks")
+            if t.dtype != "U8" or len(t.shape) != 4 or t.shape[3] != 16:
+                self.error(t.path.name, f"{name} is {t.dtype} {list(t.shape)}, expected U8 [experts, rows, groups, 16]")
+                continue
+            self.report.modules["mxfp4"] = self.report.modules.get("mxfp4", 0) + 1
+            for suffix, shape in (("_scales", tuple(t.shape[:3])), ("_bias", tuple(t.shape[:2]))):
+                o = self.tensors.get(base + suffix)
+                if o is None:
+                    if suffix == "_scales":
+                        self.error(t.path.name, f"{base}_scales is missing (the E8M0 scales of {name})")
+                elif tuple(o.shape) != shape or (suffix == "_scales" and o.dtype != "U8"):
+                    self.error(o.path.name, f"{o.name} is {o.dtype} {list(o.shape)}, expected "
+                                            f"{'U8 ' if suffix == '_scales' else ''}{list(shape)} for {name}")
+        if not self.report.modules:
+            self.error("config.json", "quant_method mxfp4 but no experts *_blocks tensor was found")
+        for m in self.modules.values():
+            self._check_unquantized(m)
 
     def _check_unquantized(self, m: Module) -> None:
         w = m.parts.get("weight")
