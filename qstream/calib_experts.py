@@ -87,6 +87,11 @@ def expert_targets(layer: nn.Module, prefix: str, modules: list[str]) -> dict[st
     out = {}
     for name in modules:
         mt = _EXPERT.match(name)
+        stacked = name.rsplit(".", 1)[0]
+        if mt is None and stacked in bases:  # all experts in one tensor (gpt-oss's OpenAI MXFP4 layout)
+            _check_layout(prefix + bases[stacked], experts[bases[stacked]])
+            raise QStreamError(f"{name}: the experts are written stacked in one tensor, which --calibrate does not "
+                               "quantize; convert it without --calibrate.")
         if mt is None or mt["base"] not in bases:
             continue
         qual = bases[mt["base"]]
