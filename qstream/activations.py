@@ -137,14 +137,6 @@ def _assign(op, amax: dict[str, float], scale_groups: dict[str, list[str]]) -> N
     op.input_amax = max(amax[m] for m in members)  # q/k/v, gate/up share one input
 
 
-def group_amax(opts, plan, op) -> float:
-    """The input absmax of ``op``'s fused set (q/k/v, gate/up share one input)."""
-    amax = dict(opts.input_amax)
-    if not amax:
-        raise QStreamError("--activations nvfp4: no calibration statistics in this plan; pass --calibrate FILE.")
-    return max(amax[m] for m in plan.scale_groups.get(op.scale_group, [op.module]))
-
-
 def apply_ct_config(qconfig: dict | None, opts) -> None:
     """Give the FP4 groups of a compressed-tensors config their ``input_activations``."""
     if opts.activations == "none" or qconfig is None or "config_groups" not in qconfig:
