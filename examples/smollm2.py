@@ -228,11 +228,12 @@ def cached_checkpoint(cache_root: Path, n_shards: int = 2) -> Path:
     """Build the checkpoint once into ``cache_root / "smollm2-bf16-v1"`` and reuse it.
 
     The build goes to a temporary directory beside it, which is renamed into place
-    only when complete, so an interrupted build is never taken for a finished one
-    (and concurrent builders, e.g. pytest-xdist workers, are safe: the first rename
-    wins). Leftover ``.smollm2-bf16-v1.tmp-*`` directories from killed runs are
-    removed when older than an hour. ``n_shards`` other than 2 gets its own
-    directory name.
+    only when complete, so an interrupted build is never taken for a finished one.
+    Concurrent builders (pytest-xdist workers) take turns on a lock file beside it: the
+    first builds, the others wait for it and then reuse its result (and should the lock
+    be unavailable, the rename is still atomic: the first wins). Leftover ``.smollm2-bf16-v1.tmp-*``
+    directories from killed runs are removed when older than an hour. ``n_shards``
+    other than 2 gets its own directory name.
     """
     cache_root = Path(cache_root)
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -240,7 +241,16 @@ def cached_checkpoint(cache_root: Path, n_shards: int = 2) -> Path:
     target = cache_root / name
     if (target / INDEX_NAME).is_file():
         return target
+    import fcntl
 
+    with open(cache_root / f".{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        if (target / INDEX_NAME).is_file():
+            return target  # built by the process that held the lock
+        return _build_into(cache_root, name, target, n_shards)
+
+
+def _build_into(cache_root: Path, name: str, target: Path, n_shards: int) -> Path:
     import time
 
     for stale in cache_root.glob(f".{name}.tmp-*"):

@@ -160,3 +160,24 @@ def test_attn_fp8_block_from_fp8_sources(tmp_path):
     # transformers on the Qwen3 output only: the Mistral3 attention inputs are 64 wide, and
     # compressed-tensors' per-group-128 activation quantization needs a multiple of 128
     assert close(logits(tmp_path / "q3twin", IDS), logits(dst, IDS)) > 0.95
+
+
+def test_attn_fp8_block_warns_where_vllm_cannot_fuse(tmp_path):
+    """vLLM fuses q/k/v into one GEMM and its FP8_BLOCK layer wants each part in whole 128-row
+    blocks (SmolLM2's 576-row q_proj: the strict xfail of tests/test_vllm.py): the plan says so,
+    naming the tensor; whole blocks (256 rows) plan without that warning."""
+    from qstream.plan.plan import Options, make_plan
+    from qstream.sources.source import open_checkpoint
+
+    found = {}
+    for name, cfg in (("odd", llama_config(hidden=320, inter=256, layers=1, heads=5, kv_heads=1)),
+                      ("whole", llama_config(hidden=256, inter=256, layers=1, heads=2, kv_heads=1))):
+        src = write_checkpoint(tmp_path / name, cfg, llama_tensors(cfg, seed=6), n_shards=1)
+        ws = make_plan(open_checkpoint(src), Options(mlp="mxfp4", attn="fp8-block")).warnings
+        found[name] = [w for w in ws if "not whole 128-row blocks" in w]
+    assert not found["whole"], found
+    (w,) = found["odd"]
+    assert "model.layers.0.self_attn." in w and "--attn fp8" in w and "vLLM" in w, w
+    # per-channel FP8 has no such limit
+    ws = make_plan(open_checkpoint(tmp_path / "odd"), Options(mlp="mxfp4", attn="fp8")).warnings
+    assert not [w for w in ws if "128-row" in w], ws

@@ -109,3 +109,19 @@ def runtime_warnings(family: str, ops: list) -> list[str]:
                 "5.23 leaves the experts unloaded (it fuses them into 3-D parameters compressed-tensors does not "
                 "quantize); only compressed-tensors' per-module decompression reads it."]
     return []
+
+
+def fp8_block_partner_warnings(ops: list, fused_key) -> list[str]:
+    """--attn fp8-block where vLLM cannot build it: vLLM fuses q/k/v (gate/up) into one GEMM, and
+    its compressed-tensors FP8_BLOCK layer wants every part of that GEMM in whole 128-row blocks
+    (``validate_fp8_block_shape``: "output_partition_size = N is not divisible by weight
+    quantization block_n = 128"; only its native ``quant_method: fp8`` config lets partial
+    blocks through). transformers and compressed-tensors load the output either way."""
+    odd = [op for op in ops if op.kind == "fp8" and op.scheme == "fp8-block" and op.shape[0] % 128
+           and fused_key(op.source.name)]
+    if not odd:
+        return []
+    first = odd[0]
+    return [f"--attn fp8-block: {first.source.name} has {first.shape[0]} rows, not whole 128-row blocks "
+            f"({len(odd)} such fused weight(s)), so vLLM 0.32 refuses to build the fused GEMM it belongs to "
+            "(transformers loads it); use --attn fp8 (per-channel FP8) for an output vLLM serves."]
