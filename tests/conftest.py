@@ -5,6 +5,14 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (pyproject's addopts: one worker per core), each worker gets its share of the
+# cores for torch's / BLAS's OpenMP pools, in this process and in the CLIs it starts: two workers
+# each running two spinning OpenMP threads on two cores made the torch-heavy tests 3-8x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    for _k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_k, str(_share))
+
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
@@ -52,3 +60,15 @@ def smollm2_checkpoint(tmp_path_factory) -> Path:
         return smollm2.cached_checkpoint(CACHE)
     except PermissionError:
         return smollm2.cached_checkpoint(tmp_path_factory.mktemp("smollm2"))
+
+
+# The longest files first (their serial minutes on a 2-core machine, roughly): pytest-xdist's
+# --dist loadfile hands files out in collection order, so the vLLM matrix (one module fixture of
+# several minutes) starts at once instead of becoming the run's tail.
+_LONG_FIRST = ("test_vllm.py", "test_calibrate.py", "test_publish.py", "test_hub.py", "test_eval.py",
+               "test_real_model.py", "test_resume.py", "test_bad_input.py", "test_moe.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: the rest keep their order

@@ -153,7 +153,7 @@ class HubState:
         self.xet_tokens = 0
         self.release = threading.Event()
         self.holding = threading.Event()  # set while a request is held
-        self.held_done = threading.Event()  # set once a held upload has read what the killed client sent
+        self.held_done = threading.Event()  # set once a held upload is over: its bytes counted, and stored if whole
         self.down_limit: Link | None = None  # bytes served by resolve (downloads)
         self.up_limit: Link | None = None  # bytes received by LFS uploads
 
@@ -573,14 +573,18 @@ class Handler(BaseHTTPRequestHandler):
         if hold:
             st.holding.set()
             st.release.wait(60)
-        time.sleep(st.upload_delay)
         try:
-            data = self._body() if st.up_limit is None else self._body_limited(st.up_limit)
-            with st.lock:
-                st.stats.put_bytes += len(data)
+            self._store_upload(repo_id, oid)
         finally:
-            if hold:
+            if hold:  # the held upload is over (stored, or refused as a partial body): counted and on disk
                 st.held_done.set()
+
+    def _store_upload(self, repo_id: str, oid: str) -> None:
+        st = self.state
+        time.sleep(st.upload_delay)
+        data = self._body() if st.up_limit is None else self._body_limited(st.up_limit)
+        with st.lock:
+            st.stats.put_bytes += len(data)
         with st.lock:
             if st.fail_puts > 0:
                 st.fail_puts -= 1
