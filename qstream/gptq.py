@@ -119,9 +119,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, gs: 
 
     Returns ``(packed uint8 [rows, cols/2], scale uint8 [rows, cols/group], decoded float32
     [rows, cols])``: the FP4 codes packed as compressed-tensors packs them, the scale bytes
-    (E4M3 for NVFP4, biased E8M0 for MXFP4) and the values the decoder gives. On the CPU it
-    runs on one torch thread (thousands of small ops: threads only add overhead, and the
-    result is then the same whatever the machine's thread settings)."""
+    (E4M3 for NVFP4, biased E8M0 for MXFP4) and the values the decoder gives. On the CPU its
+    torch part (Cholesky factors, the update after each block) runs on one torch thread, so
+    the result is the same whatever the machine's thread settings; the column loop is the
+    serial numba kernel :func:`_columns`."""
     if hessian.device.type != "cpu":
         return _gptq(weight, hessian, scheme, gs, search, block, damp)
     n = torch.get_num_threads()
