@@ -230,10 +230,9 @@ def cached_checkpoint(cache_root: Path, n_shards: int = 2) -> Path:
     The build goes to a temporary directory beside it, which is renamed into place
     only when complete, so an interrupted build is never taken for a finished one.
     Concurrent builders (pytest-xdist workers) take turns on a lock file beside it: the
-    first builds, the others wait for it and then reuse its result (and should the lock
-    be unavailable, the rename is still atomic: the first wins). Leftover ``.smollm2-bf16-v1.tmp-*``
-    directories from killed runs are removed when older than an hour. ``n_shards``
-    other than 2 gets its own directory name.
+    first builds, the others wait for it and then reuse its result. Leftover
+    ``.smollm2-bf16-v1.tmp-*`` directories from killed runs are removed when older than an
+    hour. ``n_shards`` other than 2 gets its own directory name.
     """
     cache_root = Path(cache_root)
     cache_root.mkdir(parents=True, exist_ok=True)

@@ -160,11 +160,10 @@ def _gptq(weight, hessian, scheme, gs, search, block, damp):
         W1 = W[:, i1:i2].cpu().numpy().copy()
         Err1 = np.zeros_like(W1)
         Hinv1 = np.ascontiguousarray(Hinv_np[i1:i2, i1:i2])
-        cb, qb = np.empty(W1.shape, dtype=np.uint8), np.empty(W1.shape, dtype=np.float32)
         for i in range(0, i2 - i1, grid.group):
             byte, fac, dec = grid.scale(W1[:, i:i + grid.group])
             scales[:, (i1 + i) // grid.group] = byte
-            _columns(W1, i, grid.group, Hinv1, fac, grid.scheme == "nvfp4", dec, values, cb, qb, Err1)
-        codes[:, i1:i2], Q[:, i1:i2] = cb, qb
+            _columns(W1, i, grid.group, Hinv1, fac, grid.scheme == "nvfp4", dec, values,
+                     codes[:, i1:i2], Q[:, i1:i2], Err1)
         W[:, i2:] -= torch.from_numpy(Err1).to(device) @ Hinv[i1:i2, i2:]
     return reference.pack_fp4(codes), scales, torch.from_numpy(Q)

@@ -379,7 +379,6 @@ def test_killed_push_resumes_without_resending(hub, reference, tmp_path, mode, l
     assert_matches_reference(st.tree(repo), reference)
     if not low_disk:
         assert "already done (checksum verified), kept" in p.stdout  # the journal kept run 1's shards
-    missing = {n: s for n, s in shard_sizes.items() if n not in uploaded1}
     if mode == "lfs":
         # what the Hub lacked after the kill, by content: an upload that finished just before the
         # SIGKILL is on the Hub though run 1 never logged it (uploads run concurrently)
@@ -393,6 +392,7 @@ def test_killed_push_resumes_without_resending(hub, reference, tmp_path, mode, l
         assert not set(oids) & have  # nothing the Hub had was sent again
         assert resent == sum(missing.values())
     else:
+        missing = {n: s for n, s in shard_sizes.items() if n not in uploaded1}
         stored = st.xet_store_bytes(repo) - xet_before
         print(f"\n[xet] rerun stored {stored} new xorb bytes; shards missing after the kill: "
               f"{sum(missing.values())} bytes, already uploaded: {sum(shard_sizes[n] for n in uploaded1)} bytes")

@@ -7,6 +7,7 @@ import re
 
 from ..sources.checkpoint import Checkpoint
 from ..errors import QStreamError
+from ..schemes.fp8_block import BLOCK as FP8_BLOCK_SHAPE, FP8_BLOCK
 
 # Quantized encodings qstream does not decode: copying them through would make a model that
 # loads random-looking weights. (FP8, gpt-oss MXFP4 and ModelOpt NVFP4 are read; see above.)
@@ -99,29 +100,26 @@ def oversized_tensors(ops: list, max_size: int) -> list[str]:
             f"{worst.bytes_out} B out); a tensor is never split, so those shards are larger than the limit"]
 
 
-def runtime_warnings(family: str, ops: list) -> list[str]:
-    """What a runtime is known not to load, said at plan time (README, "What vLLM does")."""
+def runtime_warnings(family: str, ops: list, fused_key) -> list[str]:
+    """What a runtime is known not to load, said at plan time (README, "What vLLM does").
+    ``fused_key``: the family's fused-partner key of a tensor name (``Classifier.fused_key``)."""
+    out = []
     if family == "gpt_oss" and any(op.view is not None and op.view.experts == 1 and op.quantized for op in ops):
         # MXFP4 weight-only is written in OpenAI's stacked layout (layouts/openai_mxfp4.py), which both load
-        return ["gpt-oss experts are written per expert in compressed-tensors (only --mlp mxfp4 without "
-                "--attn fp8 / --activations / --recipe is written in OpenAI's MXFP4 layout): vLLM 0.32 cannot load "
-                "it (its compressed-tensors and ModelOpt FP4 MoE methods have no expert biases) and transformers "
-                "5.23 leaves the experts unloaded (it fuses them into 3-D parameters compressed-tensors does not "
-                "quantize); only compressed-tensors' per-module decompression reads it."]
-    return []
-
-
-def fp8_block_partner_warnings(ops: list, fused_key) -> list[str]:
-    """--attn fp8-block where vLLM cannot build it: vLLM fuses q/k/v (gate/up) into one GEMM, and
-    its compressed-tensors FP8_BLOCK layer wants every part of that GEMM in whole 128-row blocks
-    (``validate_fp8_block_shape``: "output_partition_size = N is not divisible by weight
-    quantization block_n = 128"; only its native ``quant_method: fp8`` config lets partial
-    blocks through). transformers and compressed-tensors load the output either way."""
-    odd = [op for op in ops if op.kind == "fp8" and op.scheme == "fp8-block" and op.shape[0] % 128
+        out.append("gpt-oss experts are written per expert in compressed-tensors (only --mlp mxfp4 without "
+                   "--attn fp8 / --activations / --recipe is written in OpenAI's MXFP4 layout): vLLM 0.32 cannot "
+                   "load it (its compressed-tensors and ModelOpt FP4 MoE methods have no expert biases) and "
+                   "transformers 5.23 leaves the experts unloaded (it fuses them into 3-D parameters "
+                   "compressed-tensors does not quantize); only compressed-tensors' per-module decompression reads it.")
+    # --attn fp8-block: vLLM fuses q/k/v (gate/up) into one GEMM, and its compressed-tensors FP8_BLOCK
+    # layer wants every part of it in whole blocks (``validate_fp8_block_shape``: "output_partition_size
+    # = N is not divisible by weight quantization block_n = 128"; only its native ``quant_method: fp8``
+    # config lets partial blocks through). transformers and compressed-tensors load it either way.
+    rows = FP8_BLOCK_SHAPE[0]
+    odd = [op for op in ops if op.kind == "fp8" and op.scheme == FP8_BLOCK.name and op.shape[0] % rows
            and fused_key(op.source.name)]
-    if not odd:
-        return []
-    first = odd[0]
-    return [f"--attn fp8-block: {first.source.name} has {first.shape[0]} rows, not whole 128-row blocks "
-            f"({len(odd)} such fused weight(s)), so vLLM 0.32 refuses to build the fused GEMM it belongs to "
-            "(transformers loads it); use --attn fp8 (per-channel FP8) for an output vLLM serves."]
+    if odd:
+        out.append(f"--attn fp8-block: {odd[0].source.name} has {odd[0].shape[0]} rows, not whole {rows}-row "
+                   f"blocks ({len(odd)} such fused weight(s)), so vLLM 0.32 refuses to build the fused GEMM it "
+                   "belongs to (transformers loads it); use --attn fp8 (per-channel FP8) for an output vLLM serves.")
+    return out

@@ -21,7 +21,7 @@ from .ops import Cast, Copy, Dequantize, Fp8Encode, Op, OutShard, OutTensor, Qua
 from ..layouts import modelopt, openai_mxfp4
 from ..layouts.compressed_tensors import quantization_config
 from .checks import (check_something_quantized, check_source_quantization, group_warnings, oversized_tensors,
-                     runtime_warnings, unknown_family_warning, unmatched_ignores, fp8_block_partner_warnings)
+                     runtime_warnings, unknown_family_warning, unmatched_ignores)
 from ..roles import ROLES, Classifier, Recipe, load_families, select_family
 from ..safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header
 from ..schemes import ATTN_SCHEMES, SCHEMES, Scheme
@@ -214,8 +214,7 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
         modelopt.apply_format(ops)  # ModelOpt names: weight / weight_scale / weight_scale_2
     check_something_quantized(src, opts, ops, warnings)
     shards = _assign_shards(ops, opts.max_shard_size)
-    warnings += oversized_tensors(ops, opts.max_shard_size) + runtime_warnings(family.name, ops)
-    warnings += fp8_block_partner_warnings(ops, classifier.fused_key)
+    warnings += oversized_tensors(ops, opts.max_shard_size) + runtime_warnings(family.name, ops, classifier.fused_key)
     if opts.format == "modelopt":
         qconfig = modelopt.quantization_config(ops)
     elif experts.openai:
