@@ -446,3 +446,78 @@ def gpt_oss_mxfp4_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
         t[p + "down_proj_blocks"] = rng.integers(0, 256, (E, h, i // 32, 16), dtype=np.uint8)
         t[p + "down_proj_scales"] = rng.integers(118, 128, (E, h, i // 32), dtype=np.uint8)
     return t
+
+
+# --------------------------------------------------------------------------- Gemma 3
+
+def gemma3_text_config(hidden=64, inter=128, layers=2, heads=2, kv_heads=1, head_dim=32, vocab=256) -> dict:
+    """Gemma 3 text: q/k norms, four norms per layer, GELU-tanh MLP, a sliding-window layer
+    then a global one (as the real 5:1 pattern), embeddings tied to the output."""
+    return {"model_type": "gemma3_text", "hidden_size": hidden, "intermediate_size": inter,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "head_dim": head_dim, "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+            "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": head_dim, "sliding_window": 16,
+            "layer_types": (["sliding_attention", "full_attention"] * layers)[:layers],
+            "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "tie_word_embeddings": True,
+            "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16"}
+
+
+def gemma3_config(multimodal: bool = False) -> dict:
+    text = gemma3_text_config()
+    if not multimodal:
+        return {"architectures": ["Gemma3ForCausalLM"], **text}
+    return {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text,
+            # SigLIP as Gemma 3 uses it (no pooling head); 28 / 14: 2 x 2 patches, pooled to 1 token
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                              "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+                              "vision_use_head": False, "layer_norm_eps": 1e-6},
+            "mm_tokens_per_image": 1, "boi_token_index": 11, "eoi_token_index": 12, "image_token_index": 10,
+            "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+
+
+def gemma3_tensors(cfg: dict, names: str = "hub", seed: int = 0) -> dict[str, np.ndarray]:
+    """BF16 weights with Gemma 3's real names. Multimodal ``names``: "hub" as google/gemma-3-*-it
+    hold them (``language_model.model.``, ``vision_tower.vision_model.``), "v4.52" as
+    transformers >= 4.52 saves them (``model.language_model.``, ``model.vision_tower.``, the
+    prefixes vLLM's hf_to_vllm_mapper renames)."""
+    rng = np.random.default_rng(seed)
+    mm = "text_config" in cfg
+    tc = cfg["text_config"] if mm else cfg
+    h, i, v, hd = tc["hidden_size"], tc["intermediate_size"], tc["vocab_size"], tc["head_dim"]
+    q, kv = tc["num_attention_heads"] * hd, tc["num_key_value_heads"] * hd
+    lm = ("language_model.model." if names == "hub" else "model.language_model.") if mm else "model."
+    t = {lm + "embed_tokens.weight": _rand(rng, v, h, scale=0.5)}
+    for L in range(tc["num_hidden_layers"]):
+        p = f"{lm}layers.{L}."
+        for n, s in (("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
+                     ("self_attn.o_proj", (h, q)), ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)),
+                     ("mlp.down_proj", (h, i))):
+            t[p + n + ".weight"] = _rand(rng, *s, scale=0.1)
+        for n in ("self_attn.q_norm", "self_attn.k_norm"):  # Gemma norms scale by 1 + w
+            t[p + n + ".weight"] = _rand(rng, hd, scale=0.1)
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            t[p + n + ".weight"] = _rand(rng, h, scale=0.1)
+    t[lm + "norm.weight"] = _rand(rng, h, scale=0.1)
+    if not mm:
+        return t
+    vc = cfg["vision_config"]
+    vh, vi, ps = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"]
+    vt = "vision_tower.vision_model." if names == "hub" else "model.vision_tower.vision_model."
+    t[vt + "embeddings.patch_embedding.weight"] = _rand(rng, vh, 3, ps, ps, scale=0.02)
+    t[vt + "embeddings.patch_embedding.bias"] = _rand(rng, vh, scale=0.02)
+    t[vt + "embeddings.position_embedding.weight"] = _rand(rng, (vc["image_size"] // ps) ** 2, vh, scale=0.02)
+    for L in range(vc["num_hidden_layers"]):
+        p = f"{vt}encoder.layers.{L}."
+        for n, s in (("self_attn.q_proj", (vh, vh)), ("self_attn.k_proj", (vh, vh)), ("self_attn.v_proj", (vh, vh)),
+                     ("self_attn.out_proj", (vh, vh)), ("mlp.fc1", (vi, vh)), ("mlp.fc2", (vh, vi))):
+            t[p + n + ".weight"] = _rand(rng, *s)
+            t[p + n + ".bias"] = _rand(rng, s[0], scale=0.02)
+        for n in ("layer_norm1", "layer_norm2"):
+            t[p + n + ".weight"] = np.ones(vh, ml_dtypes.bfloat16)
+            t[p + n + ".bias"] = np.zeros(vh, ml_dtypes.bfloat16)
+    t[vt + "post_layernorm.weight"] = np.ones(vh, ml_dtypes.bfloat16)
+    t[vt + "post_layernorm.bias"] = np.zeros(vh, ml_dtypes.bfloat16)
+    mp = "multi_modal_projector." if names == "hub" else "model.multi_modal_projector."
+    t[mp + "mm_input_projection_weight"] = _rand(rng, vh, h)  # a bare parameter, not a Linear
+    t[mp + "mm_soft_emb_norm.weight"] = _rand(rng, vh, scale=0.1)
+    return t

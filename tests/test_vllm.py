@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TESTS, run_qstream
-from synth import (deepseek_v3_config, deepseek_v3_tensors, gpt_oss_config, gpt_oss_mxfp4_tensors, gpt_oss_tensors,
-                   llama_config, llama_tensors, mixtral_config, mixtral_tensors, qwen3_moe_config, qwen3_moe_tensors,
+from synth import (deepseek_v3_config, deepseek_v3_tensors, gemma3_config, gemma3_tensors, gpt_oss_config,
+                   gpt_oss_mxfp4_tensors, gpt_oss_tensors, llama_config, llama_tensors, mixtral_config, mixtral_tensors, qwen3_moe_config, qwen3_moe_tensors,
                    write_checkpoint, write_mistral3_fp8, write_qwen3_block_fp8)
 
 pytestmark = pytest.mark.slow
@@ -100,6 +100,13 @@ VARIANTS: dict[str, tuple[str, list[str], bool, str]] = {
     "mistral3-fp8-nvfp4": ("mistral3", ["--mlp", "nvfp4"], False, "loaded:static_scaled_fp8_quant"),
     "mistral3-nvfp4-modelopt": ("mistral3", ["--mlp", "nvfp4", "--attn", "bf16", "--format", "modelopt"], False, "run"),
     "mistral3-mxfp4-attn-bf16": ("mistral3", ["--mlp", "mxfp4", "--attn", "bf16"], False, "run"),
+    # Gemma 3: text-only, and multimodal (SigLIP tower, whose mlp.fc1/fc2 stay BF16) under both the
+    # Hub's names (google/gemma-3-*-it) and the names transformers >= 4.52 saves (renamed by vLLM)
+    "gemma3-text-nvfp4": ("gemma3_text", ["--mlp", "nvfp4"], False, "run"),
+    "gemma3-text-mxfp4-attn-fp8": ("gemma3_text", ["--mlp", "mxfp4", "--attn", "fp8"], False, "run"),
+    "gemma3-mm-mxfp4": ("gemma3_mm", ["--mlp", "mxfp4"], False, "run"),
+    "gemma3-mm-v452-nvfp4": ("gemma3_mm_v452", ["--mlp", "nvfp4"], False, "run"),
+    "gemma3-mm-v452-nvfp4-modelopt": ("gemma3_mm_v452", ["--mlp", "nvfp4", "--format", "modelopt"], False, "run"),
     "qwen3-blockfp8-nvfp4": ("qwen3", ["--mlp", "nvfp4"], False, BLOCK_FP8),
     "qwen3-moe-mxfp4": ("qwen3_moe", ["--mlp", "mxfp4"], False, "loaded:gptq_marlin_repack"),
     # NVFP4 MoE: vLLM's Marlin MoE kernel is let through on the CPU (see the harness), so the
@@ -135,6 +142,9 @@ def _sources(root: Path, smollm2: Path) -> dict[str, Path]:
         if name == "deepseek_v3":  # as DeepSeek-V3's own config: vLLM builds the gate's correction bias only then
             cfg.update(topk_method="noaux_tc", scoring_func="sigmoid")
         out[name] = write_checkpoint(root / name, cfg, t_fn(cfg), n_shards=2)
+    for name, mm, names in (("gemma3_text", False, "hub"), ("gemma3_mm", True, "hub"), ("gemma3_mm_v452", True, "v4.52")):
+        cfg = gemma3_config(mm)
+        out[name] = write_checkpoint(root / name, cfg, gemma3_tensors(cfg, names), n_shards=2, straddle=False)
     cfg = gpt_oss_config(mxfp4=True)
     out["gpt_oss_mxfp4"] = write_checkpoint(root / "gpt_oss_mxfp4", cfg, gpt_oss_mxfp4_tensors(cfg), n_shards=2)
     return out
