@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from synth import (deepseek_v3_config, deepseek_v3_tensors, gpt_oss_config, gpt_oss_mxfp4_tensors, gpt_oss_tensors,
+from synth import (deepseek_v3_config, deepseek_v3_tensors, gemma3_config, gemma3_tensors, gpt_oss_config,
+                   gpt_oss_mxfp4_tensors, gpt_oss_tensors,
                    llama_config, llama_tensors, mixtral_config, mixtral_tensors, qwen3_moe_config, qwen3_moe_tensors,
                    write_checkpoint, write_mistral3_fp8, write_qwen3_block_fp8)
 from qstream.convert import Executor
@@ -56,6 +57,13 @@ def _moe(cfg_fn, t_fn, **kw):
     return build
 
 
+def _gemma3(multimodal: bool):
+    def build(root: Path) -> Path:
+        cfg = gemma3_config(multimodal)
+        return write_checkpoint(root, cfg, gemma3_tensors(cfg), n_shards=2, straddle=False)
+    return build
+
+
 def _gpt_oss_mxfp4(root: Path) -> Path:
     cfg = gpt_oss_config(mxfp4=True)
     return write_checkpoint(root, cfg, gpt_oss_mxfp4_tensors(cfg), n_shards=2)
@@ -72,6 +80,8 @@ FAMILIES = {
     "deepseek_v3": _moe(deepseek_v3_config, deepseek_v3_tensors),
     "gpt_oss": _moe(gpt_oss_config, gpt_oss_tensors),
     "gpt_oss_mxfp4": _gpt_oss_mxfp4,  # released gpt-oss layout: MXFP4 expert blocks
+    "gemma3_text": _gemma3(False),
+    "gemma3_mm": _gemma3(True),  # SigLIP tower, the Hub's names
 }
 
 # (scheme, layout, scale search): ModelOpt is NVFP4 only, 4over6 is NVFP4 only
