@@ -37,6 +37,8 @@ given up front, part of the plan's identity) remains for the library API.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .errors import QStreamError
@@ -97,10 +99,6 @@ def add_input_scales(ops: list, opts, scale_groups: dict[str, list[str]]) -> Non
         if op.kind != "quantize":
             raise QStreamError(f"--activations nvfp4: {op.module} is NVFP4 in the source and is repacked; "
                                "qstream writes activation scales only for Linears it quantizes.")
-        if not amax and ".experts." in op.module:
-            raise QStreamError(f"--activations nvfp4: no input statistics are written for the routed experts "
-                               f"({op.module}): qstream's calibrated NVFP4 W4A4 covers dense Linears only; --ignore "
-                               "the experts, or use --activations mxfp4 (dynamic, no calibration).")
         op.outputs.append(OutTensor(f"{op.module}.input_global_scale", "F32", (1,)))
         if amax:
             _assign(op, amax, scale_groups)
@@ -118,14 +116,33 @@ def set_input_amax(plan, amax: dict[str, float]) -> None:
             _assign(op, amax, plan.scale_groups)
 
 
+_EXPERT = re.compile(r"^(?P<base>.+\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
+
+
+def _unrouted_expert_amax(module: str, amax: dict[str, float]) -> float | None:
+    """A routed expert no calibration token reached has no input statistics of its own: it
+    takes the largest recorded input absmax of the same projection of its layer's other
+    experts. The router picks each expert's tokens from the same hidden states (gate/up), and
+    the largest over the experts is the scale that clips none of them; None where no expert of
+    that layer has any."""
+    m = _EXPERT.match(module)
+    if m is None:
+        return None
+    pat = re.compile(re.escape(m["base"]) + r"\.\d+\." + re.escape(m["proj"]) + "$")
+    seen = [v for k, v in amax.items() if pat.match(k)]
+    return max(seen) if seen else None
+
+
 def _assign(op, amax: dict[str, float], scale_groups: dict[str, list[str]]) -> None:
     members = scale_groups.get(op.scale_group, [op.module])
+    amax = {**amax, **{m: v for m in members if m not in amax
+                       for v in [_unrouted_expert_amax(m, amax)] if v is not None}}
     missing = [m for m in members if m not in amax]
-    if missing and ".experts." in missing[0]:
-        raise QStreamError(f"--activations nvfp4: the calibration recorded no input of {missing[0]}: qstream's "
-                           "calibration pass sees per-expert inputs only where transformers builds one Linear per "
-                           "expert, not this model's fused experts; --ignore the experts, or use --activations "
-                           "mxfp4 (dynamic, no calibration).")
+    if missing and _EXPERT.match(missing[0]):
+        raise QStreamError(f"--activations nvfp4: the calibration routed no token to any expert of "
+                           f"{_EXPERT.match(missing[0])['base']}, so it has no input statistics for {missing[0]}; "
+                           "pass more --calibrate text (--calib-samples), --ignore that layer's experts, or use "
+                           "--activations mxfp4 (dynamic, no calibration).")
     if missing:
         raise QStreamError(f"--activations nvfp4: the calibration recorded no input of {missing[0]}; the "
                            "calibration pass did not run that Linear; check that --calibrate's text reaches "

@@ -521,3 +521,17 @@ def gemma3_tensors(cfg: dict, names: str = "hub", seed: int = 0) -> dict[str, np
     t[mp + "mm_input_projection_weight"] = _rand(rng, vh, h)  # a bare parameter, not a Linear
     t[mp + "mm_soft_emb_norm.weight"] = _rand(rng, vh, scale=0.1)
     return t
+
+
+def byte_tokenizer(folder: Path) -> Path:
+    """A byte-level tokenizer of 256 ids (the fixtures' vocabulary), no merges: what
+    ``--calibrate`` needs in a synthetic source."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    return folder

@@ -23,7 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from synth import (deepseek_v3_config, deepseek_v3_tensors, mixtral_config, mixtral_tensors,  # noqa: E402
+from synth import (byte_tokenizer, deepseek_v3_config, deepseek_v3_tensors, mixtral_config, mixtral_tensors,  # noqa: E402
                    qwen3_moe_config, qwen3_moe_tensors, write_checkpoint)
 from test_calibrate import _ids, _run, _shards  # noqa: E402
 from test_convert import load_dir, raw  # noqa: E402
@@ -224,33 +224,39 @@ def test_expert_hessians_are_its_routed_tokens(moe):
             assert np.array_equal(scale, out[f"{m}.weight_scale"].view(torch.uint8).numpy()), m
 
 
-def _byte_tokenizer(folder) -> None:
-    """A byte-level tokenizer of 256 ids (the fixtures' vocabulary), no merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-
-
 def test_cli_mixtral(tmp_path):
-    """The command itself on Mixtral: the dead expert is said on stderr, the rest is GPTQ'd."""
+    """The command itself on Mixtral, NVFP4 W4A4: the dead expert is said on stderr, the rest
+    is GPTQ'd; every expert gets its input global scale from the tokens routed to it (CT's
+    gparam of the recorded absmax), the dead one the largest of its layer's other experts'."""
+    from compressed_tensors.quantization.utils.helpers import generate_gparam
+
     from conftest import run_qstream
     from test_calibrate import PRIDE
 
+    from qstream.schemes import act_scales
+
     cfg = mixtral_config()
     src = write_checkpoint(tmp_path / "src", cfg, mixtral_with_dead_expert(cfg), n_shards=2)
-    _byte_tokenizer(src)
+    byte_tokenizer(src)
     dst = tmp_path / "out"
-    p = run_qstream("convert", src, dst, "--mlp", "nvfp4", "--calibrate", PRIDE, "--calib-samples", "4",
-                    "--calib-seqlen", "64", "-q", check=True)
+    p = run_qstream("convert", src, dst, "--mlp", "nvfp4", "--activations", "nvfp4", "--calibrate", PRIDE,
+                    "--calib-samples", "4", "--calib-seqlen", "64", "-q", check=True)
     assert "note:" in p.stderr and "expert 3 of model.layers.1.mlp.experts (w1, w2, w3)" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and (dst / "config.json").is_file()
     absmax = json.loads((dst / STAGING_DIR / "calibration" / "input_absmax.json").read_text())
     assert len(absmax) == 3 * 7 and not any(k.startswith(DEAD) for k in absmax)  # 7 live experts x 3
+    t = load_dir(dst)
+    for L in range(2):
+        for e in range(4):
+            for w in ("w1", "w2", "w3"):
+                m = f"model.layers.{L}.block_sparse_moe.experts.{e}.{w}"
+                if m.startswith(DEAD):
+                    a = max(v for k, v in absmax.items() if k.startswith(f"model.layers.{L}.") and k.endswith(f".{w}"))
+                else:
+                    a = max(absmax[m.replace(w, x)] for x in (("w1", "w3") if w != "w2" else ("w2",)))
+                a = torch.tensor([act_scales.recorded_amax(a)], dtype=torch.float32)
+                assert torch.equal(t[m + ".input_global_scale"], generate_gparam(-a, a)), m
+    assert not [k for k in t if k.endswith("input_global_scale") and (".gate." in k or ".self_attn." in k)]
 
 
 def test_resume_mid_moe(moe, tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TESTS, run_qstream
-from synth import (deepseek_v3_config, deepseek_v3_tensors, gemma3_config, gemma3_tensors, gpt_oss_config,
+from synth import (byte_tokenizer, deepseek_v3_config, deepseek_v3_tensors, gemma3_config, gemma3_tensors, gpt_oss_config,
                    gpt_oss_mxfp4_tensors, gpt_oss_tensors, llama_config, llama_tensors, mixtral_config, mixtral_tensors, qwen3_moe_config, qwen3_moe_tensors,
                    write_checkpoint, write_mistral3_fp8, write_qwen3_block_fp8)
 
@@ -41,6 +41,7 @@ CPU_FP8_GAP = "scaled_fp8_quant"
 ATTN_FP4 = '[schemes]\nattention = "nvfp4"\n'
 # NVFP4 W4A4 calibration: 4 x 256 tokens of the test text (small: the suite's time)
 CALIB = ["--calibrate", str(TESTS / "data" / "pride_and_prejudice.txt"), "--calib-samples", "4", "--calib-seqlen", "256"]
+CALIB_MOE = [*CALIB[:3], "4", "--calib-seqlen", "64"]  # the byte-tokenized fixtures: 4 x 64 bytes
 # W4A4 rounds every MLP input to FP4, so the 512-token NLL is chaotic: any rounding difference
 # upstream (vLLM's attention / RMSNorm kernels vs transformers') flips some FP4 codes, and the
 # flips spread through all later layers. Measured (SmolLM2, NVFP4 W4A4 output as written, then
@@ -114,6 +115,13 @@ VARIANTS: dict[str, tuple[str, list[str], bool, str]] = {
     "mixtral-nvfp4": ("mixtral", ["--mlp", "nvfp4"], False, "loaded:gptq_marlin_repack"),
     "mixtral-nvfp4-modelopt": ("mixtral", ["--mlp", "nvfp4", "--format", "modelopt"], False, "loaded:gptq_marlin_repack"),
     "deepseek-v3-nvfp4": ("deepseek_v3", ["--mlp", "nvfp4"], False, "loaded:gptq_marlin_repack"),
+    # NVFP4 W4A4 MoE: per-expert input scales from the tokens routed to each expert (one expert of
+    # layer 1 gets none: it takes the largest of its layer's others); vLLM's NVFP4 MoE methods in
+    # W4A4 mode load them (no placeholder), Marlin's repack op is GPU-only
+    "mixtral-nvfp4-w4a4": ("mixtral_tok", ["--mlp", "nvfp4", "--activations", "nvfp4", *CALIB_MOE], False,
+                           "loaded:gptq_marlin_repack"),
+    "mixtral-nvfp4-w4a4-modelopt": ("mixtral_tok", ["--mlp", "nvfp4", "--activations", "nvfp4", *CALIB_MOE,
+                                                    "--format", "modelopt"], False, "loaded:gptq_marlin_repack"),
     # gpt-oss MXFP4 is written in OpenAI's stacked layout (quant_method mxfp4): vLLM's own
     # GptOssMxfp4MoEMethod with its Marlin MoE backend on the CPU (parameters rounded up for the
     # kernel: the padding must be zeros); Marlin's repack op is GPU-only
@@ -123,6 +131,8 @@ VARIANTS: dict[str, tuple[str, list[str], bool, str]] = {
     # (compressed-tensors' or ModelOpt's) registers expert biases, and gpt-oss has them
     "gpt-oss-nvfp4": ("gpt_oss", ["--mlp", "nvfp4"], False, "broken:w2_bias"),
 }
+# NVFP4 W4A4 MoE variant -> the per-expert input-scale parameter vLLM loads
+MOE_W4A4 = {"mixtral-nvfp4-w4a4": "w13_input_global_scale", "mixtral-nvfp4-w4a4-modelopt": "w13_input_scale"}
 # the MoE method vLLM must build for a variant's experts
 MOE_METHOD = {"gpt-oss-mxfp4": "GptOssMxfp4MoEMethod", "gpt-oss-mxfp4-repack": "GptOssMxfp4MoEMethod"}
 
@@ -145,6 +155,10 @@ def _sources(root: Path, smollm2: Path) -> dict[str, Path]:
     for name, mm, names in (("gemma3_text", False, "hub"), ("gemma3_mm", True, "hub"), ("gemma3_mm_v452", True, "v4.52")):
         cfg = gemma3_config(mm)
         out[name] = write_checkpoint(root / name, cfg, gemma3_tensors(cfg, names), n_shards=2, straddle=False)
+    from test_calibrate_moe import mixtral_with_dead_expert
+
+    cfg = mixtral_config()
+    out["mixtral_tok"] = byte_tokenizer(write_checkpoint(root / "mixtral_tok", cfg, mixtral_with_dead_expert(cfg), n_shards=2))
     cfg = gpt_oss_config(mxfp4=True)
     out["gpt_oss_mxfp4"] = write_checkpoint(root / "gpt_oss_mxfp4", cfg, gpt_oss_mxfp4_tensors(cfg), n_shards=2)
     return out
@@ -222,6 +236,10 @@ def test_vllm_builds_every_variant(matrix, name):
             assert not any("packed" in n or "global_scale" in n for n in info["params"]), (name, layer, info)
         else:
             assert any(k in info["method"] for k in ("Fp4", "Nvfp4", "Mxfp4", "Fp8", "ModelOpt")), (name, layer, info)
+    if name in MOE_W4A4:  # vLLM's NVFP4 MoE method in W4A4 mode, every expert's input scales from the checkpoint
+        moe = [v for v in r["layers"].values() if v["kind"] == "moe"]
+        assert moe and all(v["use_a16"] is False and MOE_W4A4[name] in v["params"] for v in moe), (name, moe)
+        assert r["placeholders"] == 0, (name, r["placeholders"])
     if name in MOE_METHOD:
         moe = {v["method"] for v in r["layers"].values() if v["kind"] == "moe"}
         assert moe == {MOE_METHOD[name]}, (name, moe)

@@ -424,6 +424,7 @@ def layer_methods(model) -> dict:
                          "params": sorted(n for n, _ in mod.named_parameters(recurse=False))}
         elif isinstance(mod, MoE):
             out[name] = {"kind": "moe", "method": type(mod.quant_method).__name__,
+                         "use_a16": getattr(mod.quant_method, "use_a16", None),  # NVFP4: weight-only or W4A4
                          "params": sorted(n for n, _ in mod.named_parameters(recurse=False))}
     return out
 
