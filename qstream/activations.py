@@ -135,23 +135,23 @@ def _unrouted_expert_amax(module: str, amax: dict[str, float]) -> float | None:
 
 def _assign(op, amax: dict[str, float], scale_groups: dict[str, list[str]]) -> None:
     members = scale_groups.get(op.scale_group, [op.module])
-    amax = {**amax, **{m: v for m in members if m not in amax
-                       for v in [_unrouted_expert_amax(m, amax)] if v is not None}}
-    missing = [m for m in members if m not in amax]
-    if missing and _EXPERT.match(missing[0]):
+    own = {m: amax[m] if m in amax else _unrouted_expert_amax(m, amax) for m in members}
+    missing = [m for m, v in own.items() if v is None]
+    expert = _EXPERT.match(missing[0]) if missing else None
+    if expert:
         raise QStreamError(f"--activations nvfp4: the calibration routed no token to any expert of "
-                           f"{_EXPERT.match(missing[0])['base']}, so it has no input statistics for {missing[0]}; "
+                           f"{expert['base']}, so it has no input statistics for {missing[0]}; "
                            "pass more --calibrate text (--calib-samples), --ignore that layer's experts, or use "
                            "--activations mxfp4 (dynamic, no calibration).")
     if missing:
         raise QStreamError(f"--activations nvfp4: the calibration recorded no input of {missing[0]}; the "
                            "calibration pass did not run that Linear; check that --calibrate's text reaches "
                            "it, or --ignore it.")
-    bad = next((m for m in members if not np.isfinite(amax[m]) or amax[m] < 0), None)
+    bad = next((m for m, v in own.items() if not np.isfinite(v) or v < 0), None)
     if bad is not None:
-        raise QStreamError(f"--activations nvfp4: the input absmax of {bad} is {amax[bad]!r}; the calibration "
+        raise QStreamError(f"--activations nvfp4: the input absmax of {bad} is {own[bad]!r}; the calibration "
                            "produced non-finite activations, the source is damaged.")
-    op.input_amax = max(amax[m] for m in members)  # q/k/v, gate/up share one input
+    op.input_amax = max(own.values())  # q/k/v, gate/up share one input
 
 
 def apply_ct_config(qconfig: dict | None, opts) -> None:

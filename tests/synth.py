@@ -343,6 +343,22 @@ def mixtral_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return t
 
 
+def mixtral_with_dead_expert(cfg: dict) -> dict:
+    """Mixtral weights where layer 1's router never picks expert 3: hidden coordinate 0 is
+    large and positive in every embedding (and stays so in the residual stream), and that
+    expert's router row is strongly negative there."""
+    t = mixtral_tensors(cfg)
+    emb = t["model.embed_tokens.weight"].astype(np.float32)
+    emb[:, 0] = 4.0
+    t["model.embed_tokens.weight"] = emb.astype(t["model.embed_tokens.weight"].dtype)
+    router = "model.layers.1.block_sparse_moe.gate.weight"
+    gate = t[router].astype(np.float32)
+    gate[3] = 0.0
+    gate[3, 0] = -3.0
+    t[router] = gate.astype(t[router].dtype)
+    return t
+
+
 def deepseek_v3_config(E=4, hidden=64, layers=2) -> dict:
     return {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": hidden,

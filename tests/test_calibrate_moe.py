@@ -23,8 +23,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from synth import (byte_tokenizer, deepseek_v3_config, deepseek_v3_tensors, mixtral_config, mixtral_tensors,  # noqa: E402
-                   qwen3_moe_config, qwen3_moe_tensors, write_checkpoint)
+from synth import (byte_tokenizer, deepseek_v3_config, deepseek_v3_tensors, mixtral_config,  # noqa: E402
+                   mixtral_with_dead_expert, qwen3_moe_config, qwen3_moe_tensors, write_checkpoint)
 from test_calibrate import _ids, _run, _shards  # noqa: E402
 from test_convert import load_dir, raw  # noqa: E402
 from test_moe import _dequantized_checkpoint  # noqa: E402
@@ -35,22 +35,6 @@ from qstream.sources.source import open_checkpoint  # noqa: E402
 from qstream.writer import STAGING_DIR  # noqa: E402
 
 DEAD = "model.layers.1.block_sparse_moe.experts.3"
-
-
-def mixtral_with_dead_expert(cfg: dict) -> dict:
-    """Mixtral weights where layer 1's router never picks expert 3: hidden coordinate 0 is
-    large and positive in every embedding (and stays so in the residual stream), and that
-    expert's router row is strongly negative there."""
-    t = mixtral_tensors(cfg)
-    emb = t["model.embed_tokens.weight"].astype(np.float32)
-    emb[:, 0] = 4.0
-    t["model.embed_tokens.weight"] = emb.astype(t["model.embed_tokens.weight"].dtype)
-    router = "model.layers.1.block_sparse_moe.gate.weight"
-    gate = t[router].astype(np.float32)
-    gate[3] = 0.0
-    gate[3, 0] = -3.0
-    t[router] = gate.astype(t[router].dtype)
-    return t
 
 
 FAMILIES = {  # config, weights, their options, scheme, routed experts that get tokens

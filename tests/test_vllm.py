@@ -25,9 +25,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TESTS, run_qstream
-from synth import (byte_tokenizer, deepseek_v3_config, deepseek_v3_tensors, gemma3_config, gemma3_tensors, gpt_oss_config,
-                   gpt_oss_mxfp4_tensors, gpt_oss_tensors, llama_config, llama_tensors, mixtral_config, mixtral_tensors, qwen3_moe_config, qwen3_moe_tensors,
-                   write_checkpoint, write_mistral3_fp8, write_qwen3_block_fp8)
+from synth import (byte_tokenizer, deepseek_v3_config, deepseek_v3_tensors, gemma3_config, gemma3_tensors,
+                   gpt_oss_config, gpt_oss_mxfp4_tensors, gpt_oss_tensors, llama_config, llama_tensors, mixtral_config,
+                   mixtral_tensors, mixtral_with_dead_expert, qwen3_moe_config, qwen3_moe_tensors, write_checkpoint,
+                   write_mistral3_fp8, write_qwen3_block_fp8)
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,8 @@ CPU_FP8_GAP = "scaled_fp8_quant"
 ATTN_FP4 = '[schemes]\nattention = "nvfp4"\n'
 # NVFP4 W4A4 calibration: 4 x 256 tokens of the test text (small: the suite's time)
 CALIB = ["--calibrate", str(TESTS / "data" / "pride_and_prejudice.txt"), "--calib-samples", "4", "--calib-seqlen", "256"]
-CALIB_MOE = [*CALIB[:3], "4", "--calib-seqlen", "64"]  # the byte-tokenized fixtures: 4 x 64 bytes
+# the byte-tokenized MoE fixture: 4 x 64 bytes of the same text
+CALIB_MOE = ["--calibrate", str(TESTS / "data" / "pride_and_prejudice.txt"), "--calib-samples", "4", "--calib-seqlen", "64"]
 # W4A4 rounds every MLP input to FP4, so the 512-token NLL is chaotic: any rounding difference
 # upstream (vLLM's attention / RMSNorm kernels vs transformers') flips some FP4 codes, and the
 # flips spread through all later layers. Measured (SmolLM2, NVFP4 W4A4 output as written, then
@@ -155,8 +157,6 @@ def _sources(root: Path, smollm2: Path) -> dict[str, Path]:
     for name, mm, names in (("gemma3_text", False, "hub"), ("gemma3_mm", True, "hub"), ("gemma3_mm_v452", True, "v4.52")):
         cfg = gemma3_config(mm)
         out[name] = write_checkpoint(root / name, cfg, gemma3_tensors(cfg, names), n_shards=2, straddle=False)
-    from test_calibrate_moe import mixtral_with_dead_expert
-
     cfg = mixtral_config()
     out["mixtral_tok"] = byte_tokenizer(write_checkpoint(root / "mixtral_tok", cfg, mixtral_with_dead_expert(cfg), n_shards=2))
     cfg = gpt_oss_config(mxfp4=True)
