@@ -71,6 +71,9 @@ def plan_options(f):
                           "tokenized with the source's tokenizer, one decoder layer at a time (CUDA when present); "
                           "each group's scale by --scale-search on the error-updated weights. With --activations "
                           "nvfp4 it also gives the static input scales. Needs a local SRC and the calibrate extra.")(f)
+    f = click.option("--allow-unloadable", is_flag=True,
+                     help="Write an output that vLLM and transformers are known not to load (gpt-oss experts "
+                          "quantized one by one in compressed-tensors) instead of refusing it.")(f)
     f = click.option("--calib-samples", type=click.IntRange(min=1), default=None,
                      help="--calibrate: number of token windows (default 128).")(f)
     f = click.option("--calib-seqlen", type=click.IntRange(min=2), default=None,
@@ -82,11 +85,12 @@ def _make_plan(src: str, mlp: str, ignore: tuple[str, ...], recipe: str | None, 
                attn: str = "keep", fmt: str = "compressed-tensors",
                revision: str | None = None, download_dir: Path | None = None,
                scale_search: str = Options.scale_search, activations: str = "none", calibrate: str | None = None,
-               calibration: str | None = None) -> Plan:
+               calibration: str | None = None, allow_unloadable: bool = False) -> Plan:
     ckpt = open_checkpoint(src, revision=revision, download_dir=download_dir)
     opts = Options(mlp=mlp, attn=attn, ignore=tuple(ignore), recipe=recipe, max_shard_size=parse_size(max_shard_size),
                    format=fmt, scale_search=scale_search, activations=activations,
-                   calibrate_label=Path(calibrate).name if calibrate else None, calibration=calibration)
+                   calibrate_label=Path(calibrate).name if calibrate else None, calibration=calibration,
+                   allow_unloadable=allow_unloadable)
     plan = make_plan(ckpt, opts)  # every check before the calibration pass; W4A4 scale values from it
     plan.command = card_command(sys.argv[1:], getattr(ckpt, "repo_id", None) or None)
     return plan
@@ -230,11 +234,11 @@ REVISION_HELP = "Hub source (SRC = org/name): the branch, tag or commit to conve
 @click.option("--tensors", is_flag=True, help="Also list every tensor with its action, shapes and output shard.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
 @click.option("--revision", default=None, help=REVISION_HELP)
-def inspect(src, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, activations, calibrate, calib_samples,
-            calib_seqlen, tensors, as_json, revision):
+def inspect(src, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, activations, calibrate, allow_unloadable,
+            calib_samples, calib_seqlen, tensors, as_json, revision):
     """Show the plan for SRC: what happens to every tensor and the output size. Reads no tensor data."""
     plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, scale_search=scale_search,
-                      activations=activations, calibrate=calibrate)
+                      activations=activations, calibrate=calibrate, allow_unloadable=allow_unloadable)
     if as_json:
         click.echo(json.dumps(plan_json(plan), indent=1))
     else:
@@ -277,7 +281,7 @@ def inspect(src, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, a
               help="After converting, run `qstream eval` on this text (8192 tokens, 1024-token windows) and write "
                    "the figures into the model card. Needs a local SRC and the calibrate extra.")
 def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, fmt, activations, calibrate,
-            calib_samples, calib_seqlen, dry_run, overwrite, resume, threads, quiet, revision, low_disk, push_to_hub,
+            allow_unloadable, calib_samples, calib_seqlen, dry_run, overwrite, resume, threads, quiet, revision, low_disk, push_to_hub,
             private, push_revision, commit_message, base_model, skip_space_check,
             eval_text):
     """Convert SRC (a checkpoint folder, or a Hub repo id like org/name) into DST (a new folder)."""
@@ -301,7 +305,7 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
     calib = _calibration_tokens(src, calibrate, calib_samples, calib_seqlen)  # None without --calibrate
     plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, download_dir=download_dir,
                       scale_search=scale_search, activations=activations, calibrate=calibrate,
-                      calibration=calib[1] if calib else None)
+                      calibration=calib[1] if calib else None, allow_unloadable=allow_unloadable)
     if calib and not calib[0].calibrated_ops(plan):
         raise click.UsageError("--calibrate: the plan quantizes no Linear to FP4 (e.g. --mlp none); nothing to calibrate.")
     plan.base_model = base_model

@@ -75,7 +75,8 @@ def partner_sets(modules: list[str]) -> list[list[str]]:
 def test_moe_bytes_routers_and_shared_scales(sources, tmp_path, name, scheme):
     src_dir = sources[name]
     dst = tmp_path / "out"
-    run_qstream("convert", src_dir, dst, "--mlp", scheme, "--scale-search", "none", "-q", check=True)
+    force = ["--allow-unloadable"] if name == "gpt_oss" and scheme == "nvfp4" else []  # per expert: loads nowhere
+    run_qstream("convert", src_dir, dst, "--mlp", scheme, "--scale-search", "none", "-q", *force, check=True)
     src, out = load_dir(src_dir), load_dir(dst)
     cfg = json.loads((src_dir / "config.json").read_text())
     if name == "gpt_oss" and scheme == "mxfp4":  # OpenAI's stacked layout: the same codes, stacked
@@ -209,7 +210,8 @@ def test_gpt_oss_mxfp4_repack_is_lossless(sources, tmp_path):
 def test_gpt_oss_mxfp4_to_nvfp4_requantizes(sources, tmp_path):
     src_dir = sources["gpt_oss_mxfp4"]
     dst = tmp_path / "out"
-    run_qstream("convert", src_dir, dst, "--mlp", "nvfp4", "--scale-search", "none", "-q", check=True)
+    run_qstream("convert", src_dir, dst, "--mlp", "nvfp4", "--scale-search", "none", "--allow-unloadable", "-q",
+                check=True)
     src, out = load_dir(src_dir), load_dir(dst)
     p = "model.layers.1.mlp.experts."
     gu = _gpt_oss_decode_source(src[p + "gate_up_proj_blocks"], src[p + "gate_up_proj_scales"])
@@ -243,17 +245,35 @@ def test_gpt_oss_bf16_logits(sources, tmp_path):
 @pytest.mark.parametrize("opts,openai", [({"mlp": "mxfp4"}, True), ({"mlp": "nvfp4"}, False),
                                          ({"mlp": "mxfp4", "attn": "fp8"}, False),
                                          ({"mlp": "mxfp4", "activations": "mxfp4"}, False)])
-def test_gpt_oss_layout_and_runtime_warning(sources, opts, openai):
+def test_gpt_oss_layout_and_unloadable_refusal(sources, opts, openai):
     """OpenAI's layout exactly where it holds the whole output (weight-only MXFP4 experts, the
     rest as in the source); the per-expert compressed-tensors fallback, which neither vLLM 0.32
-    nor transformers 5.23 loads, is said at plan time (README, "What vLLM does")."""
+    nor transformers 5.23 loads (README, "What vLLM does"), is refused at plan time, naming the
+    option that caused it, unless --allow-unloadable (then said as a warning)."""
+    from qstream.errors import QStreamError
     from qstream.plan.plan import Options, make_plan
     from qstream.sources.source import open_checkpoint
 
     for src in ("gpt_oss", "gpt_oss_mxfp4"):
-        plan = make_plan(open_checkpoint(sources[src]), Options(**opts))
+        if not openai:
+            with pytest.raises(QStreamError) as e:
+                make_plan(open_checkpoint(sources[src]), Options(**opts))
+            cause = next(f"--{k} {v}" for k, v in opts.items() if (k, v) != ("mlp", "mxfp4"))
+            assert cause in str(e.value) and "--allow-unloadable" in str(e.value) and "--mlp mxfp4 alone" in str(e.value)
+        plan = make_plan(open_checkpoint(sources[src]), Options(**opts, allow_unloadable=True))
         assert (plan.quantization_config["quant_method"] == "mxfp4") == openai, (src, plan.quantization_config)
-        warned = [w for w in plan.warnings if "gpt-oss experts are written per expert" in w]
+        warned = [w for w in plan.warnings if "gpt-oss experts are written one by one" in w]
         assert bool(warned) == (not openai), (src, plan.warnings)
         if openai:
             assert not any(".experts.0." in t.name for s in plan.shards for t in s.tensors)
+
+
+def test_gpt_oss_nvfp4_cli_refuses_before_writing(sources, tmp_path):
+    """The CLI: one error line naming the option and the way out, a non-zero exit, no DST."""
+    dst = tmp_path / "out"
+    p = run_qstream("convert", sources["gpt_oss"], dst, "--mlp", "nvfp4")
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: gpt-oss with --mlp nvfp4:"), p.stderr
+    assert "--allow-unloadable" in lines[0]
+    assert not dst.exists()

@@ -130,8 +130,9 @@ VARIANTS: dict[str, tuple[str, list[str], bool, str]] = {
     "gpt-oss-mxfp4": ("gpt_oss", ["--mlp", "mxfp4"], False, "loaded:gptq_marlin_repack"),
     "gpt-oss-mxfp4-repack": ("gpt_oss_mxfp4", ["--mlp", "mxfp4"], False, "loaded:gptq_marlin_repack"),
     # NVFP4 gpt-oss (per-expert compressed-tensors): no NVFP4 MoE method of vLLM 0.32
-    # (compressed-tensors' or ModelOpt's) registers expert biases, and gpt-oss has them
-    "gpt-oss-nvfp4": ("gpt_oss", ["--mlp", "nvfp4"], False, "broken:w2_bias"),
+    # (compressed-tensors' or ModelOpt's) registers expert biases, and gpt-oss has them. qstream
+    # refuses it unless --allow-unloadable; kept here so that a vLLM which loads it flips the xfail
+    "gpt-oss-nvfp4": ("gpt_oss", ["--mlp", "nvfp4", "--allow-unloadable"], False, "broken:w2_bias"),
 }
 # NVFP4 W4A4 MoE variant -> the per-expert input-scale parameter vLLM loads
 MOE_W4A4 = {"mixtral-nvfp4-w4a4": "w13_input_global_scale", "mixtral-nvfp4-w4a4-modelopt": "w13_input_scale"}

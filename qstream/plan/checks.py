@@ -100,17 +100,32 @@ def oversized_tensors(ops: list, max_size: int) -> list[str]:
             f"{worst.bytes_out} B out); a tensor is never split, so those shards are larger than the limit"]
 
 
+def unloadable_experts(family: str, ops: list, opts) -> list[str]:
+    """gpt-oss experts quantized one by one in compressed-tensors (everything but ``--mlp mxfp4``
+    weight-only, which is written in OpenAI's stacked layout: layouts/openai_mxfp4.py): no
+    runtime loads that, so it is refused unless ``--allow-unloadable`` (then a warning)."""
+    if family != "gpt_oss" or not any(op.view is not None and op.view.experts == 1 and op.quantized for op in ops):
+        return []
+    why = ("vLLM 0.32 cannot load it (its compressed-tensors and ModelOpt FP4 MoE methods have no expert biases) "
+           "and transformers 5.23 leaves the experts unloaded (it fuses them into 3-D parameters "
+           "compressed-tensors does not quantize); only compressed-tensors' per-module decompression reads it")
+    if not opts.allow_unloadable:
+        causes = [c for c, on in ((f"--mlp {opts.mlp}", opts.mlp != "mxfp4"), (f"--format {opts.format}", opts.format != "compressed-tensors"),
+                                  (f"--attn {opts.attn}", opts.attn not in ("keep", "bf16")),
+                                  (f"--activations {opts.activations}", opts.activations != "none"),
+                                  ("--recipe", bool(opts.recipe))) if on]
+        raise QStreamError(f"gpt-oss{' with ' + ' '.join(causes) if causes else ''}: the experts would be written one "
+                           "by one in compressed-tensors, which neither vLLM 0.32 (its FP4 MoE methods have no expert "
+                           "biases) nor transformers 5.23 (it fuses the experts unquantized) loads; use --mlp mxfp4 "
+                           "alone (OpenAI's MXFP4 layout, which both load), or pass --allow-unloadable to write it "
+                           "anyway.")
+    return [f"--allow-unloadable: gpt-oss experts are written one by one in compressed-tensors: {why}."]
+
+
 def runtime_warnings(family: str, ops: list, fused_key) -> list[str]:
     """What a runtime is known not to load, said at plan time (README, "What vLLM does").
     ``fused_key``: the family's fused-partner key of a tensor name (``Classifier.fused_key``)."""
     out = []
-    if family == "gpt_oss" and any(op.view is not None and op.view.experts == 1 and op.quantized for op in ops):
-        # MXFP4 weight-only is written in OpenAI's stacked layout (layouts/openai_mxfp4.py), which both load
-        out.append("gpt-oss experts are written per expert in compressed-tensors (only --mlp mxfp4 without "
-                   "--attn fp8 / --activations / --recipe is written in OpenAI's MXFP4 layout): vLLM 0.32 cannot "
-                   "load it (its compressed-tensors and ModelOpt FP4 MoE methods have no expert biases) and "
-                   "transformers 5.23 leaves the experts unloaded (it fuses them into 3-D parameters "
-                   "compressed-tensors does not quantize); only compressed-tensors' per-module decompression reads it.")
     # --attn fp8-block: vLLM fuses q/k/v (gate/up) into one GEMM, and its compressed-tensors FP8_BLOCK
     # layer wants every part of it in whole blocks (``validate_fp8_block_shape``: "output_partition_size
     # = N is not divisible by weight quantization block_n = 128"; only its native ``quant_method: fp8``

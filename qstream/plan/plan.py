@@ -21,7 +21,7 @@ from .ops import Cast, Copy, Dequantize, Fp8Encode, Op, OutShard, OutTensor, Qua
 from ..layouts import modelopt, openai_mxfp4
 from ..layouts.compressed_tensors import quantization_config
 from .checks import (check_something_quantized, check_source_quantization, group_warnings, oversized_tensors,
-                     runtime_warnings, unknown_family_warning, unmatched_ignores)
+                     runtime_warnings, unknown_family_warning, unloadable_experts, unmatched_ignores)
 from ..roles import ROLES, Classifier, Recipe, load_families, select_family
 from ..safetensors_io import FLOAT_SOURCE_DTYPES, TensorInfo, build_header
 from ..schemes import ATTN_SCHEMES, SCHEMES, Scheme
@@ -45,6 +45,7 @@ class Options:
     input_amax: tuple[tuple[str, float], ...] = ()  # (module, calibrated input absmax), for nvfp4 activations
     calibrate_label: str | None = None  # the calibration text's file name (the card)
     calibration: str | None = None  # --calibrate: identity of the calibration tokens (qstream/calibrate.py)
+    allow_unloadable: bool = False  # write a layout no runtime loads (checks.unloadable_experts); bytes unchanged
 
     def key(self) -> dict:
         w4a4 = {"activations": self.activations, "input_amax": [list(p) for p in self.input_amax],
@@ -213,6 +214,7 @@ def make_plan(src: Checkpoint, opts: Options) -> Plan:
     if opts.format == "modelopt":
         modelopt.apply_format(ops)  # ModelOpt names: weight / weight_scale / weight_scale_2
     check_something_quantized(src, opts, ops, warnings)
+    warnings += unloadable_experts(family.name, ops, opts)
     shards = _assign_shards(ops, opts.max_shard_size)
     warnings += oversized_tensors(ops, opts.max_shard_size) + runtime_warnings(family.name, ops, classifier.fused_key)
     if opts.format == "modelopt":

@@ -39,7 +39,7 @@ class SourceMeasure:
                 counts[m.group.kind] = counts.get(m.group.kind, 0) + 1
         mlp = max(counts, key=lambda k: counts[k]) if counts else "none"
         try:
-            plan = make_plan(src, Options(mlp=mlp))
+            plan = make_plan(src, Options(mlp=mlp, allow_unloadable=True))  # measures what exists
         except QStreamError as e:
             self.warn(f"{src_root}: cannot plan a conversion of the source ({e}); matching by name only")
             plan = Plan(src, Options(mlp=mlp), "", [], [], {}, None, [])
