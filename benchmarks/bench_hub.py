@@ -42,16 +42,18 @@ def main() -> None:
     ap.add_argument("--scale-search", default="mse")
     ap.add_argument("--max-shard-size", default="1GB", help="output shards (a shard is uploaded once written: "
                     "smaller shards overlap more)")
+    ap.add_argument("--src-shard-gb", type=float, default=2.0, help="source shards of the synthetic checkpoint")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qhub"))
     ap.add_argument("--port", type=int, default=8127)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     work = args.work.resolve()
-    src = work / f"synth-{args.size_gb:g}g"
+    src = work / f"synth-{args.size_gb:g}g" if args.src_shard_gb == 2.0 else work / f"synth-{args.size_gb:g}g-{args.src_shard_gb:g}"
     if not (src / "config.json").exists():
-        subprocess.run([sys.executable, str(HERE / "make_synthetic.py"), str(src), "--size-gb", str(args.size_gb)], check=True)
+        subprocess.run([sys.executable, str(HERE / "make_synthetic.py"), str(src), "--size-gb", str(args.size_gb),
+                        "--shard-gb", str(args.src_shard_gb)], check=True)
     conv = ["--mlp", args.scheme, "--scale-search", args.scale_search, "--max-shard-size", args.max_shard_size, "-q"]
-    ref = work / "ref-out"
+    ref = work / f"ref-out-{src.name}-{args.scheme}-{args.scale_search}-{args.max_shard_size}"
     if not (ref / "config.json").exists():
         shutil.rmtree(ref, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "qstream", "convert", str(src), str(ref), *conv], check=True, cwd="/",
@@ -75,6 +77,7 @@ def main() -> None:
             shutil.rmtree(h, ignore_errors=True)
             return {**os.environ, "HF_ENDPOINT": url, "HF_TOKEN": TOKEN, "HF_HOME": str(h), "HF_HUB_CACHE": str(h / "hub"),
                     "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0",
+                    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                     "PYTHONPATH": str(REPO)}
 
         def timed(cmd: list[str], e: dict) -> tuple[float, int]:

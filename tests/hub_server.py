@@ -325,20 +325,44 @@ class Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
-    def _body_limited(self, link: Link, chunk: int = 1 << 20) -> bytes:
+    def _body_chunks(self, link: Link | None, chunk: int = 1 << 20):
+        """The request body in pieces of at most ``chunk`` bytes (each through ``link`` if given):
+        an upload is streamed to disk, never held whole in memory."""
+        def take(k: int) -> None:
+            if link is not None:
+                link.take(k)
+
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                line = self.rfile.readline()
+                n = int(line.split(b";")[0].strip() or b"0", 16)
+                if n == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return
+                while n:
+                    k = min(chunk, n)
+                    take(k)
+                    part = self.rfile.read(k)
+                    if not part:
+                        return
+                    n -= len(part)
+                    yield part
+                self.rfile.readline()
         n = int(self.headers.get("Content-Length") or 0)
-        out = bytearray()
-        while len(out) < n:
-            k = min(chunk, n - len(out))
-            link.take(k)
+        while n:
+            k = min(chunk, n)
+            take(k)
             part = self.rfile.read(k)
             if not part:
-                break
-            out += part
-        return bytes(out)
+                return
+            n -= len(part)
+            yield part
 
     def _send(self, status: int, body: bytes | dict | list | None = None, headers: dict | None = None,
-              head_only: bool = False, length: int | None = None) -> None:
+              head_only: bool = False, length: int | None = None, file: tuple[Path, int] | None = None) -> None:
+        """Answer with ``body``, or with ``length`` bytes of ``file`` = (path, offset), read and
+        sent a MiB at a time (a download is never held whole in memory)."""
         if isinstance(body, (dict, list)):
             data = json.dumps(body).encode()
             ctype = "application/json"
@@ -351,15 +375,29 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in hdrs.items():
             self.send_header(k, v)
         self.end_headers()
-        if not head_only and data:
-            link = self.state.down_limit if getattr(self, "_limited", False) else None
-            if link is None:
-                self.wfile.write(data)
-            else:
-                view = memoryview(data)
-                for i in range(0, len(view), 1 << 20):
-                    link.take(len(view[i:i + (1 << 20)]))
-                    self.wfile.write(view[i:i + (1 << 20)])
+        link = self.state.down_limit if getattr(self, "_limited", False) else None
+        step = 1 << 20
+        if head_only:
+            pass
+        elif file is not None:
+            with open(file[0], "rb") as f:
+                f.seek(file[1])
+                left = length
+                while left:
+                    k = min(step, left)
+                    if link is not None:
+                        link.take(k)
+                    chunk = f.read(k)
+                    if not chunk:
+                        raise OSError(f"{file[0]}: short read")
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+        elif data:
+            view = memoryview(data)
+            for i in range(0, len(view), step):
+                if link is not None:
+                    link.take(len(view[i:i + step]))
+                self.wfile.write(view[i:i + step])
         with self.state.lock:
             self.state.stats.requests.append((self.command, urlsplit(self.path).path, status))
 
@@ -582,21 +620,28 @@ class Handler(BaseHTTPRequestHandler):
     def _store_upload(self, repo_id: str, oid: str) -> None:
         st = self.state
         time.sleep(st.upload_delay)
-        data = self._body() if st.up_limit is None else self._body_limited(st.up_limit)
-        with st.lock:
-            st.stats.put_bytes += len(data)
-        with st.lock:
-            if st.fail_puts > 0:
-                st.fail_puts -= 1
-                st.stats.failed_puts += 1
-                raise HttpError(500, "injected failure")
-        if hashlib.sha256(data).hexdigest() != oid:
-            raise HttpError(400, "uploaded content does not match the oid")
         final = st.object_path(repo_id, oid)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_suffix(f".tmp{threading.get_ident()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, final)
+        h, got = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as f:  # streamed: hashed and written a MiB at a time
+                for part in self._body_chunks(st.up_limit):
+                    h.update(part)
+                    f.write(part)
+                    got += len(part)
+            with st.lock:
+                st.stats.put_bytes += got
+            with st.lock:
+                if st.fail_puts > 0:
+                    st.fail_puts -= 1
+                    st.stats.failed_puts += 1
+                    raise HttpError(500, "injected failure")
+            if h.hexdigest() != oid:
+                raise HttpError(400, "uploaded content does not match the oid")
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
         with st.lock:
             st.stats.puts.append(oid)
         self._send(200, b"", {"ETag": f'"{oid}"'})
@@ -717,15 +762,12 @@ class Handler(BaseHTTPRequestHandler):
                     self.state.stats.full_gets.append(path)
         if head_only:
             return self._send(status, b"", hdrs, head_only=True, length=end + 1 - start)
-        if e.content is not None:
-            data = e.content[start:end + 1]
-        else:
-            with open(self.state.object_path(repo_id, e.sha256), "rb") as f:
-                f.seek(start)
-                data = f.read(end + 1 - start)
         self._limited = True  # a download: through the downlink, if limited
         try:
-            self._send(status, data, hdrs, head_only=head_only)
+            if e.content is not None:
+                self._send(status, e.content[start:end + 1], hdrs)
+            else:
+                self._send(status, None, hdrs, length=end + 1 - start, file=(self.state.object_path(repo_id, e.sha256), start))
         finally:
             self._limited = False
 
@@ -733,7 +775,7 @@ class Handler(BaseHTTPRequestHandler):
         p = self.state.object_path(repo_id, oid)
         if not p.is_file():
             raise HttpError(404, "no such object")
-        self._send(200, p.read_bytes())
+        self._send(200, None, length=p.stat().st_size, file=(p, 0))
 
 
 R = r"([^/]+/[^/]+)"  # repo id: namespace/name (each segment URL-quoted)

@@ -420,6 +420,33 @@ def test_prefetch_threads_end_with_close(hub, tmp_path):
     assert not (tmp_path / "dl").exists()  # with delete, close() removed the download folder after the threads ended
 
 
+@pytest.mark.parametrize("low_disk", [False, True])
+def test_prefetch_keeps_the_link_busy(hub, tmp_path, low_disk):
+    """With no shard released yet (the executor's threads hold two), the fetcher still downloads
+    the next shards one after the other into the HF cache, each started when the previous one
+    ends; with --low-disk (delete) it stops at two unreleased shards on disk."""
+    dl = f"__import__('pathlib').Path({str(tmp_path / 'dl')!r})" if low_disk else "None"
+    code = (
+        "import time\n"
+        "from qstream.sources.hub_source import SourceFetcher, open_hub_checkpoint\n"
+        f"ck = open_hub_checkpoint({SRC_REPO!r}, download_dir={dl})\n"
+        "order = [s.path for s in ck.shards]\n"
+        f"f = SourceFetcher(ck, order, delete={low_disk})\n"
+        "f.fetch(order[0])\n"
+        "end = time.monotonic() + 60\n"
+        "while time.monotonic() < end and not (f._futures and all(x.done() for x in f._futures.values())\n"
+        "                                      and len(f._futures) >= (2 if f.delete else len(order))):\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(0.5)  # nothing more starts\n"
+        "print('SHARDS', len(order), 'DOWNLOADED', sum(p.is_file() for p in order), 'THREADS', len(f._threads))\n"
+        "f.close()\n")
+    env = dict(os.environ, **hub_env(hub, tmp_path / "home"))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    want = "SHARDS 4 DOWNLOADED 2 THREADS 1" if low_disk else "SHARDS 4 DOWNLOADED 4 THREADS 3"
+    assert want in p.stdout, p.stdout
+
+
 # --------------------------------------------------------------------------- metadata, local pushes
 
 

@@ -4,7 +4,7 @@ Source: :mod:`qstream.sources.hub_source` (:func:`open_hub_checkpoint`, :class:`
 
 Destination: :class:`HubPusher` creates the repo, records the branch head, uploads
 each finished output shard from a background thread (``preupload_lfs_files``:
-Xet when ``hf_xet`` is importable, LFS with ``HF_HUB_DISABLE_XET=1``), and at the
+Xet when ``hf_xet`` is importable, LFS with ``HF_HUB_DISABLE_XET=1``; two at a time), and at the
 end makes one ``create_commit`` with every shard, the index, config.json, the side
 files and the card, with ``parent_commit`` set. Rerunning an interrupted push
 re-sends nothing the Hub already has: LFS objects already stored are skipped by
@@ -31,6 +31,7 @@ from ..plan.plan import Plan
 from ..writer import STAGING_DIR
 
 PUSH_STATE = "push.json"  # DST/.cache/huggingface/qstream/push.json: what an interrupted push was doing
+UPLOAD_WORKERS = 2  # finished shards uploaded at once: one slow request does not idle the uplink
 
 
 def fetch_order(plan: Plan) -> list[Path]:
@@ -162,7 +163,7 @@ class HubPusher:
         self._uploaded: set[str] = set()  # shards whose upload finished (and, with delete_uploaded, deleted)
         self._busy = 0
         self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # ---------------------------------------------------------------- setup
     def connect(self) -> None:
@@ -202,8 +203,10 @@ class HubPusher:
         """Record the push in DST (so the same command resumes it) and start the uploader."""
         assert self.parent is not None, "connect() first"
         self._save_state()
-        self._thread = threading.Thread(target=self._worker, name="qstream-upload", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._worker, name=f"qstream-upload-{i}", daemon=True)
+                         for i in range(UPLOAD_WORKERS)]
+        for t in self._threads:
+            t.start()
 
     def _save_state(self) -> None:
         path = self.dst / STAGING_DIR / PUSH_STATE
@@ -234,7 +237,8 @@ class HubPusher:
                         api.preupload_lfs_files(self.repo_id, [op], revision=self.branch, free_memory=True)
                     except Exception as e:
                         raise _hub_error(f"uploading {path.name}", e, self.repo_id) from e
-                    self.ops.append(op)
+                    with self._cond:
+                        self.ops.append(op)
                     self.log(f"uploaded {path.name}")
                     # An uploaded LFS/Xet file is committed by sha256 and size alone (free_memory
                     # dropped its path); a shard the Hub wants as a regular file must stay.
@@ -301,11 +305,12 @@ class HubPusher:
         hf = _hf()
         api = hf.HfApi()
         self.wait()
-        self._queue.put(None)
-        assert self._thread is not None
-        self._thread.join()
+        for t in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
         small = [p.as_posix() for p in plan.source.side_files] + [g for g in GENERATED if (self.dst / g).is_file()]
-        ops = list(self.ops)
+        ops = sorted(self.ops, key=lambda op: op.path_in_repo)  # the commit does not depend on upload order
         ops += [hf.CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(self.dst / rel)) for rel in small]
         ours = {s.filename for s in plan.shards}
         stale = sorted(f for f in self.existing if f.endswith(".safetensors") and "/" not in f and f not in ours)
@@ -331,13 +336,15 @@ class HubPusher:
             (self.dst / STAGING_DIR / PUSH_STATE).unlink()
         except FileNotFoundError:
             pass
-        self.result = PushResult(self.repo_id, info.oid, info.commit_url, [op.path_in_repo for op in self.ops])
+        self.result = PushResult(self.repo_id, info.oid, info.commit_url, sorted(op.path_in_repo for op in self.ops))
         return self.result
 
     def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        alive = [t for t in self._threads if t.is_alive()]
+        if alive:
             self._error = self._error or KeyboardInterrupt()
-            self._queue.put(None)
+            for _ in alive:
+                self._queue.put(None)
 
 
 # --------------------------------------------------------------------------- hooks

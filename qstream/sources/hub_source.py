@@ -6,9 +6,9 @@ reads every safetensors header with HTTP range requests, so the plan is made bef
 any tensor byte is fetched. Each shard's ``TensorInfo.path`` is where the shard
 *will* be: its HF cache snapshot path, or ``DST/.cache/huggingface/qstream/downloads/<file>`` with
 ``--low-disk``. :class:`SourceFetcher` downloads a shard when the executor first
-opens it (prefetching the next one in the background, never more than two
-unreleased shards) and, with ``--low-disk``, deletes it as soon as the executor
-releases it. With ``HF_HUB_OFFLINE=1`` a cached snapshot is opened like a folder.
+opens it, prefetching the next ones in the background one at a time so that the
+link never idles (with ``--low-disk`` never more than two unreleased shards), and,
+with ``--low-disk``, deletes it as soon as the executor releases it. With ``HF_HUB_OFFLINE=1`` a cached snapshot is opened like a folder.
 """
 
 from __future__ import annotations
@@ -306,8 +306,11 @@ def _open_cached_snapshot(repo_id: str, revision: str | None, download_dir: Path
 
 
 class SourceFetcher:
-    """Downloads Hub shards when first needed (and the next one in the background) and,
-    with ``delete`` (``--low-disk``), deletes each once the executor releases it."""
+    """Downloads Hub shards when first needed, and the next ones in the plan's order in the
+    background, one download at a time, each started as soon as the previous one ends (the
+    executor's threads work on two source shards at once: a prefetch that waited for a
+    release would leave the link idle). With ``delete`` (``--low-disk``), at most
+    ``max_live`` shards are on disk unreleased, and each is deleted once released."""
 
     def __init__(self, ckpt: HubCheckpoint, order: list[Path], delete: bool, max_live: int = 2,
                  on_disk_change: Callable[[], None] = lambda: None) -> None:
@@ -338,6 +341,8 @@ class SourceFetcher:
             fut.set_result(path)
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
             fut.set_exception(e)
+            return
+        self._prefetch()  # the link is free: the next one
 
     def fetch(self, path: Path) -> None:
         if path not in self.ckpt.remote:
@@ -366,8 +371,10 @@ class SourceFetcher:
         with self._lock:
             if self._closed:
                 return
+            if any(not f.done() for f in self._futures.values()):
+                return  # one download at a time; the one in flight starts the next when done
             live = sum(1 for p in self._futures if p not in self._released)
-            if live >= self.max_live:
+            if self.delete and live >= self.max_live:
                 return
             nxt = next((p for p in self.order if p not in self._futures and p not in self._released), None)
             if nxt is None:
