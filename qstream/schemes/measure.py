@@ -9,9 +9,17 @@ import ml_dtypes
 import numpy as np
 try:
     from numba import njit
+
+    from .kernels_common import _bits_f32, _f32_bits
 except ModuleNotFoundError:  # numba not installed: convert runs the numpy reference (convert._kernels), this too
     def njit(*args, **kwargs):
         return lambda f: f
+
+    def _f32_bits(x):
+        return np.float32(x).view(np.uint32)
+
+    def _bits_f32(u):
+        return np.uint32(u).view(np.float32)
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -21,9 +29,6 @@ def _fp4_error(w, w_bf16, packed, mult, group, lut):  # pragma: no cover - compi
     rows, half = packed.shape
     cols = half * 2
     dec = np.empty(cols, np.float32)
-    dec_bits = dec.view(np.uint32)
-    src = np.empty(cols, np.float32)
-    src_bits = src.view(np.uint32)
     a = 0.0
     b = 0.0
     for r in range(rows):
@@ -33,25 +38,49 @@ def _fp4_error(w, w_bf16, packed, mult, group, lut):  # pragma: no cover - compi
                 byte = packed[r, j]
                 dec[2 * j] = lut[byte & 15] * m
                 dec[2 * j + 1] = lut[byte >> 4] * m
-        for c in range(cols):  # round to nearest even bfloat16, as .astype(bfloat16) does (finite values)
-            u = dec_bits[c]
-            dec_bits[c] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
         if w_bf16.shape[0]:
-            for c in range(cols):
-                src_bits[c] = np.uint32(w_bf16[r, c]) << np.uint32(16)
+            ra, rb = _row_sums_bf16(w_bf16[r], dec)
         else:
-            for c in range(cols):
-                src[c] = w[r, c]
-        ra = 0.0
-        rb = 0.0
-        for c in range(cols):
-            x = np.float64(src[c])
-            d = np.float64(src[c] - dec[c])
-            ra += x * x
-            rb += d * d
+            ra, rb = _row_sums_f32(w[r], dec)
         a += ra
         b += rb
     return a, b
+
+
+# One row's (sum x^2, sum (x - decoded)^2) in float64, the decoded value rounded to nearest
+# even bfloat16 first (as .astype(bfloat16) does, finite values). ``reassoc`` lets LLVM split
+# the two sums into vector lanes: the squares are exact in float64 and non-negative, so the
+# order moves the sums by a few ulps at most, far below the card's four digits (a third
+# less CPU for the measurement than the in-order sums, which were 60% of a round-to-nearest
+# conversion's kernel time).
+@njit(inline="always")
+def _rne_bf16(q):
+    u = _f32_bits(q)
+    return _bits_f32((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _row_sums_bf16(src_bits, dec):  # pragma: no cover - compiled
+    ra = 0.0
+    rb = 0.0
+    for c in range(dec.shape[0]):
+        x = _bits_f32(np.uint32(src_bits[c]) << np.uint32(16))
+        e = np.float64(x - _rne_bf16(dec[c]))
+        ra += np.float64(x) * np.float64(x)
+        rb += e * e
+    return ra, rb
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _row_sums_f32(src, dec):  # pragma: no cover - compiled
+    ra = 0.0
+    rb = 0.0
+    for c in range(dec.shape[0]):
+        x = src[c]
+        e = np.float64(x - _rne_bf16(dec[c]))
+        ra += np.float64(x) * np.float64(x)
+        rb += e * e
+    return ra, rb
 
 
 _LUT = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
