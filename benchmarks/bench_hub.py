@@ -80,22 +80,32 @@ def main() -> None:
                     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                     "PYTHONPATH": str(REPO)}
 
-        def timed(cmd: list[str], e: dict) -> tuple[float, int]:
+        def server_cpu() -> float:
+            f = open(f"/proc/{server.pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+        def timed(cmd: list[str], e: dict) -> tuple[float, int, float, float]:
+            """wall, peak RSS, the client's CPU seconds, the server's CPU seconds meanwhile"""
             os.environ.update({k: v for k, v in e.items() if k.startswith(("HF_", "PYTHONPATH"))})
-            t, rss, _ = run_timed(cmd)
-            return t, rss
+            c0 = server_cpu()
+            t, rss, cpu = run_timed(cmd)
+            return t, rss, cpu, server_cpu() - c0
 
         down_dir = work / "down"
         shutil.rmtree(down_dir, ignore_errors=True)
-        t_down, _ = timed([sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download; "
+        t_down, _, cd, sd = timed([sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download; "
                            "snapshot_download('org/src', local_dir=sys.argv[1])", str(down_dir)], env("home-down"))
         shutil.rmtree(down_dir, ignore_errors=True)
-        t_up, _ = timed([sys.executable, "-c", "import sys; from huggingface_hub import HfApi; a = HfApi(); "
+        t_up, _, cu, su = timed([sys.executable, "-c", "import sys; from huggingface_hub import HfApi; a = HfApi(); "
                          "a.create_repo('org/up', exist_ok=True); a.upload_folder(repo_id='org/up', folder_path=sys.argv[1])",
                          str(ref)], env("home-up"))
         dst = work / "q-out"
         shutil.rmtree(dst, ignore_errors=True)
-        t_q, rss_q = timed([sys.executable, "-m", "qstream", "convert", "org/src", str(dst), *conv, "--push-to-hub", "org/q"],
+        local = work / "local-out"
+        shutil.rmtree(local, ignore_errors=True)
+        t_loc, _, cl = run_timed([sys.executable, "-m", "qstream", "convert", str(src), str(local), *conv])
+        shutil.rmtree(local, ignore_errors=True)
+        t_q, rss_q, cq, sq = timed([sys.executable, "-m", "qstream", "convert", "org/src", str(dst), *conv, "--push-to-hub", "org/q"],
                            env("home-q"))
         shutil.rmtree(dst, ignore_errors=True)
     finally:
@@ -104,6 +114,8 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
 
     floor = max(t_down, t_up)
+    ncpu = os.cpu_count() or 1
+    cpu_floor = (cd + sd + cu + su + cl) / ncpu  # every CPU second the three jobs need, on all cores
     lines = [f"# Hub to Hub at {args.mbps:g} MB/s each way", "",
              f"Machine: {machine()}. `python benchmarks/bench_hub.py --size-gb {args.size_gb:g} --mbps {args.mbps:g}`, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
@@ -112,12 +124,16 @@ def main() -> None:
              f"(`--mlp {args.scheme} --scale-search {args.scale_search} --max-shard-size {args.max_shard_size}`) "
              f"{out_bytes / 1e9:.2f} GB. Each client a fresh "
              "process with an empty cache.", "",
-             "| run | wall (s) | effective rate |", "|---|---:|---:|",
-             f"| download only (`snapshot_download`) | {t_down:.1f} | {src_bytes / t_down / 1e6:.0f} MB/s |",
-             f"| upload only (`upload_folder` of the output) | {t_up:.1f} | {out_bytes / t_up / 1e6:.0f} MB/s |",
-             f"| qstream convert Hub -> Hub (`--push-to-hub`) | {t_q:.1f} | peak RSS {rss_q / 2**30:.2f} GiB |", "",
+             "| run | wall (s) | client CPU (s) | server CPU (s) | effective rate |", "|---|---:|---:|---:|---:|",
+             f"| download only (`snapshot_download`) | {t_down:.1f} | {cd:.1f} | {sd:.1f} | {src_bytes / t_down / 1e6:.0f} MB/s |",
+             f"| upload only (`upload_folder` of the output) | {t_up:.1f} | {cu:.1f} | {su:.1f} | {out_bytes / t_up / 1e6:.0f} MB/s |",
+             f"| qstream convert, local folder to local folder | {t_loc:.1f} | {cl:.1f} | | |",
+             f"| qstream convert Hub -> Hub (`--push-to-hub`) | {t_q:.1f} | {cq:.1f} | {sq:.1f} | peak RSS {rss_q / 2**30:.2f} GiB |", "",
              f"qstream / max(download, upload) = **{t_q / floor:.2f}x** (target 1.15x); download + upload would be "
-             f"{(t_down + t_up) / floor:.2f}x."]
+             f"{(t_down + t_up) / floor:.2f}x.", "",
+             f"CPU bound: download, upload and a local conversion together take {cd + sd + cu + su + cl:.1f} CPU-s "
+             f"(clients and server), {cpu_floor:.1f} s on this machine's {ncpu} cores if every core were busy all "
+             f"the time; qstream / max(link bound, CPU bound) = **{t_q / max(floor, cpu_floor):.2f}x**."]
     report(lines, args.out)
 
 
