@@ -43,6 +43,7 @@ import numpy as np
 
 from .errors import QStreamError
 from .plan.ops import OutTensor
+from .roles import EXPERT_LINEAR
 from .schemes.act_scales import input_global_scale, input_scale  # noqa: F401  (the layouts' scale values)
 
 ACTIVATIONS = ("none", "mxfp4", "nvfp4")
@@ -116,16 +117,13 @@ def set_input_amax(plan, amax: dict[str, float]) -> None:
             _assign(op, amax, plan.scale_groups)
 
 
-_EXPERT = re.compile(r"^(?P<base>.+\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
-
-
 def _unrouted_expert_amax(module: str, amax: dict[str, float]) -> float | None:
     """A routed expert no calibration token reached has no input statistics of its own: it
     takes the largest recorded input absmax of the same projection of its layer's other
     experts. The router picks each expert's tokens from the same hidden states (gate/up), and
     the largest over the experts is the scale that clips none of them; None where no expert of
     that layer has any."""
-    m = _EXPERT.match(module)
+    m = EXPERT_LINEAR.match(module)
     if m is None:
         return None
     pat = re.compile(re.escape(m["base"]) + r"\.\d+\." + re.escape(m["proj"]) + "$")
@@ -137,7 +135,7 @@ def _assign(op, amax: dict[str, float], scale_groups: dict[str, list[str]]) -> N
     members = scale_groups.get(op.scale_group, [op.module])
     own = {m: amax[m] if m in amax else _unrouted_expert_amax(m, amax) for m in members}
     missing = [m for m, v in own.items() if v is None]
-    expert = _EXPERT.match(missing[0]) if missing else None
+    expert = EXPERT_LINEAR.match(missing[0]) if missing else None
     if expert:
         raise QStreamError(f"--activations nvfp4: the calibration routed no token to any expert of "
                            f"{expert['base']}, so it has no input statistics for {missing[0]}; "

@@ -27,7 +27,6 @@ torch is imported here: only a run with ``--calibrate`` imports this module.
 from __future__ import annotations
 
 import inspect
-import re
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +34,11 @@ from torch import nn
 
 from .errors import QStreamError
 from .gptq import Hessian
+from .roles import EXPERT_LINEAR
 
 # checkpoint names of one expert's projections (transformers' conversion mapping: Mixtral's
 # w1 / w3 / w2 under block_sparse_moe, the others' gate_proj / up_proj / down_proj under mlp)
 PARTS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
-_EXPERT = re.compile(r"^(?P<base>.+)\.(?P<e>\d+)\.(?P<proj>" + "|".join(PARTS) + r")$")
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,8 @@ def expert_targets(layer: nn.Module, prefix: str, modules: list[str]) -> dict[st
             bases[prefix + "block_sparse_moe." + qual[len("mlp."):]] = qual
     out = {}
     for name in modules:
-        mt = _EXPERT.match(name)
+        mt = EXPERT_LINEAR.match(name)
+        mt = mt if mt is not None and mt["proj"] in PARTS else None
         stacked = name.rsplit(".", 1)[0]
         if mt is None and stacked in bases:  # all experts in one tensor (gpt-oss's OpenAI MXFP4 layout)
             _check_layout(prefix + bases[stacked], experts[bases[stacked]])

@@ -396,8 +396,10 @@ def _layer_pass(plan, sk, store, L, ops, hidden, calls, root, device, gscales, b
     for key, group in data_free.items():
         what = f"was routed to expert {key[1]} of {pre}{key[0]} ({', '.join(x.rsplit('.', 1)[-1] for x in group)})" \
             if isinstance(key, tuple) else f"reached {key}"
+        w4a4 = ("; its NVFP4 input scales are its layer's largest for the same projection"
+                if isinstance(key, tuple) and plan.options.activations == "nvfp4" else "")
         if on_note is not None:
-            on_note(f"calibration: no calibration token {what}; quantized data-free, without GPTQ")
+            on_note(f"calibration: no calibration token {what}; quantized data-free, without GPTQ{w4a4}")
     for name, obj in ((ABSMAX_FILE, absmax), ("global_scales.json", gs_used), (DATA_FREE_FILE, names)):
         with open(tmp / name, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True)

@@ -17,6 +17,11 @@ from pathlib import Path
 
 from .errors import QStreamError
 
+# one routed expert's Linear, as checkpoints name it (``<...>.experts.<e>.<proj>``: Mixtral's
+# block_sparse_moe.experts.N.w1, the others' mlp.experts.N.gate_proj); shared by the
+# calibration (per-expert Hessians) and the W4A4 input scales, which must stay torch-free
+EXPERT_LINEAR = re.compile(r"^(?P<base>.+\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
+
 ROLES = ("mlp", "attention", "router", "vision", "projector", "embedding", "lm_head", "norm", "other")
 
 

@@ -151,6 +151,7 @@ def test_dead_expert_is_data_free_and_said(moe):
     assert sorted(r["cal"].data_free) == dead
     assert len(r["notes"]) == 1 and "expert 3 of model.layers.1.mlp.experts" in r["notes"][0] \
         and "data-free" in r["notes"][0], r["notes"]
+    assert "input scales" not in r["notes"][0]  # weight-only: no activation scale to speak of
     g, d = load_dir(r["gptq"]), load_dir(r["df"])
     for m in dead:  # exactly the data-free bytes; every other expert of the layer is GPTQ's
         for k in ("weight_packed", "weight_scale", "weight_global_scale"):
@@ -226,6 +227,7 @@ def test_cli_mixtral(tmp_path):
     p = run_qstream("convert", src, dst, "--mlp", "nvfp4", "--activations", "nvfp4", "--calibrate", PRIDE,
                     "--calib-samples", "4", "--calib-seqlen", "64", "-q", check=True)
     assert "note:" in p.stderr and "expert 3 of model.layers.1.mlp.experts (w1, w2, w3)" in p.stderr, p.stderr
+    assert "its NVFP4 input scales are its layer's largest for the same projection" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and (dst / "config.json").is_file()
     absmax = json.loads((dst / STAGING_DIR / "calibration" / "input_absmax.json").read_text())
     assert len(absmax) == 3 * 7 and not any(k.startswith(DEAD) for k in absmax)  # 7 live experts x 3
