@@ -69,7 +69,7 @@ def plan_options(f):
     f = click.option("--calibrate", "calibrate", type=click.Path(dir_okay=False), default=None, metavar="FILE",
                      help="GPTQ every FP4 Linear, calibrated on this UTF-8 text (or .jsonl with a 'text' field) "
                           "tokenized with the source's tokenizer, one decoder layer at a time (CUDA when present); "
-                          "each group's scale by --scale-search on the error-updated weights. With --activations "
+                          "each group's scale by --scale-search on the error-updated weights (mse: the candidate with the least GPTQ loss). With --activations "
                           "nvfp4 it also gives the static input scales. Needs a local SRC and the calibrate extra.")(f)
     f = click.option("--allow-unloadable", is_flag=True,
                      help="Write an output that vLLM and transformers are known not to load (gpt-oss experts "
