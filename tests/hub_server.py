@@ -311,53 +311,34 @@ class Handler(BaseHTTPRequestHandler):
         return self.server.state
 
     def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            out = bytearray()
-            while True:
-                line = self.rfile.readline()
-                n = int(line.split(b";")[0].strip() or b"0", 16)
-                if n == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return bytes(out)
-                out += self.rfile.read(n)
-                self.rfile.readline()
-        n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else b""
+        return b"".join(self._body_chunks(None))
 
     def _body_chunks(self, link: Link | None, chunk: int = 1 << 20):
-        """The request body in pieces of at most ``chunk`` bytes (each through ``link`` if given):
-        an upload is streamed to disk, never held whole in memory."""
-        def take(k: int) -> None:
-            if link is not None:
-                link.take(k)
-
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            while True:
-                line = self.rfile.readline()
-                n = int(line.split(b";")[0].strip() or b"0", 16)
-                if n == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
+        """The request body (Content-Length or chunked) in pieces of at most ``chunk`` bytes,
+        each through ``link`` if given: an upload is streamed to disk, never held whole."""
+        def read(n: int):
+            while n:
+                k = min(chunk, n)
+                if link is not None:
+                    link.take(k)
+                part = self.rfile.read(k)
+                if not part:
                     return
-                while n:
-                    k = min(chunk, n)
-                    take(k)
-                    part = self.rfile.read(k)
-                    if not part:
-                        return
-                    n -= len(part)
-                    yield part
-                self.rfile.readline()
-        n = int(self.headers.get("Content-Length") or 0)
-        while n:
-            k = min(chunk, n)
-            take(k)
-            part = self.rfile.read(k)
-            if not part:
+                n -= len(part)
+                yield part
+
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            yield from read(int(self.headers.get("Content-Length") or 0))
+            return
+        while True:
+            line = self.rfile.readline()
+            n = int(line.split(b";")[0].strip() or b"0", 16)
+            if n == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
                 return
-            n -= len(part)
-            yield part
+            yield from read(n)
+            self.rfile.readline()
 
     def _send(self, status: int, body: bytes | dict | list | None = None, headers: dict | None = None,
               head_only: bool = False, length: int | None = None, file: tuple[Path, int] | None = None) -> None:

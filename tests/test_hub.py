@@ -399,39 +399,40 @@ def test_killed_push_resumes_without_resending(hub, reference, tmp_path, mode, l
         assert stored <= sum(missing.values()) + 64 * 1024
 
 
-def test_prefetch_threads_end_with_close(hub, tmp_path):
-    """SourceFetcher.close() returns only when no prefetch thread of it is left running: the
-    real client downloads shard 1 on demand and shard 2 in the background, then close()."""
+def _run_fetcher(hub, tmp_path, low_disk: bool, body: str) -> str:
+    """Run ``body`` in a fresh process after ``f = SourceFetcher(...)`` of the source repo (with
+    --low-disk's download folder and delete, or the HF cache); its stdout."""
+    dl = f"__import__('pathlib').Path({str(tmp_path / 'dl')!r})" if low_disk else "None"
     code = (
-        "import sys, threading\n"
+        "import threading, time\n"
         "from qstream.sources.hub_source import SourceFetcher, open_hub_checkpoint\n"
-        f"ck = open_hub_checkpoint({SRC_REPO!r}, download_dir=__import__('pathlib').Path({str(tmp_path / 'dl')!r}))\n"
+        f"ck = open_hub_checkpoint({SRC_REPO!r}, download_dir={dl})\n"
         "order = [s.path for s in ck.shards]\n"
-        "f = SourceFetcher(ck, order, delete=True)\n"
-        "f.fetch(order[0])\n"
-        "started = [t for t in threading.enumerate() if t.name == 'qstream-prefetch']\n"
-        "f.close()\n"
-        "alive = [t for t in threading.enumerate() if t.name == 'qstream-prefetch']\n"
-        "print('PREFETCHED', len(f._threads), 'ALIVE', len(alive))\n")
+        f"f = SourceFetcher(ck, order, delete={low_disk})\n" + body)
     env = dict(os.environ, **hub_env(hub, tmp_path / "home"))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "PREFETCHED 1 ALIVE 0" in p.stdout, p.stdout
+    return p.stdout
+
+
+def test_prefetch_threads_end_with_close(hub, tmp_path):
+    """SourceFetcher.close() returns only when no prefetch thread of it is left running: the
+    real client downloads shard 1 on demand and shard 2 in the background, then close()."""
+    out = _run_fetcher(hub, tmp_path, True, (
+        "f.fetch(order[0])\n"
+        "f.close()\n"
+        "alive = [t for t in threading.enumerate() if t.name == 'qstream-prefetch']\n"
+        "print('PREFETCHED', len(f._threads), 'ALIVE', len(alive))\n"))
+    assert "PREFETCHED 1 ALIVE 0" in out, out
     assert not (tmp_path / "dl").exists()  # with delete, close() removed the download folder after the threads ended
 
 
 @pytest.mark.parametrize("low_disk", [False, True])
 def test_prefetch_keeps_the_link_busy(hub, tmp_path, low_disk):
     """With no shard released yet (the executor's threads hold two), the fetcher still downloads
-    the next shards one after the other into the HF cache, each started when the previous one
-    ends; with --low-disk (delete) it stops at two unreleased shards on disk."""
-    dl = f"__import__('pathlib').Path({str(tmp_path / 'dl')!r})" if low_disk else "None"
-    code = (
-        "import time\n"
-        "from qstream.sources.hub_source import SourceFetcher, open_hub_checkpoint\n"
-        f"ck = open_hub_checkpoint({SRC_REPO!r}, download_dir={dl})\n"
-        "order = [s.path for s in ck.shards]\n"
-        f"f = SourceFetcher(ck, order, delete={low_disk})\n"
+    the next shards into the HF cache, two at a time, each started when one in flight ends;
+    with --low-disk (delete) it stops at two unreleased shards on disk."""
+    out = _run_fetcher(hub, tmp_path, low_disk, (
         "f.fetch(order[0])\n"
         "end = time.monotonic() + 60\n"
         "while time.monotonic() < end and not (f._futures and all(x.done() for x in f._futures.values())\n"
@@ -439,12 +440,9 @@ def test_prefetch_keeps_the_link_busy(hub, tmp_path, low_disk):
         "    time.sleep(0.05)\n"
         "time.sleep(0.5)  # nothing more starts\n"
         "print('SHARDS', len(order), 'DOWNLOADED', sum(p.is_file() for p in order), 'THREADS', len(f._threads))\n"
-        "f.close()\n")
-    env = dict(os.environ, **hub_env(hub, tmp_path / "home"))
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert p.returncode == 0, p.stderr[-3000:]
+        "f.close()\n"))
     want = "SHARDS 4 DOWNLOADED 2 THREADS 1" if low_disk else "SHARDS 4 DOWNLOADED 4 THREADS 3"
-    assert want in p.stdout, p.stdout
+    assert want in out, out
 
 
 # --------------------------------------------------------------------------- metadata, local pushes
