@@ -83,74 +83,64 @@ class _Grid:
         of current float32 columns: NVFP4 divides by float32(s / gs) and decodes with it;
         MXFP4 multiplies by 2 ** (127 - e) (exact) and decodes with bf16(2 ** (e - 127)).
 
-        MXFP4 with ``mse`` and ``hinv`` (the group's block of the upper Cholesky factor of
-        H^-1): of the RTN exponent and its two neighbours, the one whose GPTQ pass over the
-        group's own columns (each column's error spread over the group's later columns, as
-        :func:`_columns` does) adds the least to the GPTQ loss sum ((w - q) / Hinv_ii)^2,
-        rather than the least plain squared error of the group's current values."""
+        With ``mse`` and ``hinv`` (the group's block of the upper Cholesky factor of H^-1,
+        ``values`` the FP4 grid): :meth:`_gptq_search`. Otherwise the FP4 kernels' choice."""
         g = np.ascontiguousarray(wg, dtype=np.float32)
-        if self.scheme == "nvfp4" and self.search == "mse" and hinv is not None:
-            return self._nvfp4_trial(g, np.ascontiguousarray(hinv, dtype=np.float32), values)
-        if self.scheme == "mxfp4" and self.search == "mse" and hinv is not None:
-            _, b0 = kernels.quantize_mxfp4(g, search="none")
-            best = b0[:, 0].astype(np.int32)
-            cand = [best, np.maximum(best - 1, 0), np.minimum(best + 1, 254)]
-            losses = [_group_loss(g, np.ascontiguousarray(hinv, dtype=np.float32), *self._mx_factors(c), values, False)
-                      for c in cand]
-            choice = best.copy()
-            low = losses[0]
-            for c, loss in zip(cand[1:], losses[1:]):  # strictly lower: RTN's exponent on a tie
-                better = loss < low
-                choice[better], low = c[better], np.where(better, loss, low)
-            byte = choice.astype(np.uint8)
-            return (byte, *self._mx_factors(choice))
+        if self.search == "mse" and hinv is not None:
+            return self._gptq_search(g, np.ascontiguousarray(hinv, dtype=np.float32), values)
         if self.scheme == "nvfp4":
             _, code = kernels.quantize_nvfp4(g, self.gs, search=self.search)
-            code = code[:, 0].copy()
-            sc = code.view(reference.E4M3).astype(np.float32) / np.float32(self.gs)
-            return code, sc, sc
-        _, byte = kernels.quantize_mxfp4(g, search=self.search)
-        byte = byte[:, 0].copy()
-        return (byte, *self._mx_factors(byte))
+        else:
+            _, code = kernels.quantize_mxfp4(g, search=self.search)
+        code = code[:, 0].copy()
+        return (code, *self._factors(code))
 
-    def _nvfp4_factor(self, code: np.ndarray) -> np.ndarray:
-        return (code.view(reference.E4M3).astype(np.float32) / np.float32(self.gs)).astype(np.float32)
-
-    def _nvfp4_trial(self, g: np.ndarray, hinv: np.ndarray, values: np.ndarray):
-        """NVFP4 ``mse`` inside GPTQ: the search's candidates (compressed-tensors' code c6,
-        c6 + 1 .. c6 + 6, the 4-over-6 code c4; reference._nvfp4_search), each tried through
-        the group's own GPTQ pass; the lowest GPTQ loss wins, c6 on a tie."""
-        amax = np.abs(g).max(axis=1)
-        _, c0 = kernels.quantize_nvfp4(g, self.gs, search="none")
-        best = c0[:, 0].copy()
-        f = self._nvfp4_factor(best)
-        low = _group_loss(g, hinv, f, f, values, True)
-        c6 = reference._nvfp4_code(amax, np.dtype(np.float32), self.gs, 6).astype(np.int64)
-        c4 = reference._nvfp4_nonzero(reference._nvfp4_code(amax, np.dtype(np.float32), self.gs, 4)).astype(np.int64)
-        for c in [c6 + k for k in range(1, 7)] + [c4]:
-            valid = (c >= 0x01) & (c <= 0x7E)
-            c = np.clip(c, 0x01, 0x7E).astype(np.uint8)
-            f = self._nvfp4_factor(c)
-            loss = _group_loss(g, hinv, f, f, values, True)
-            better = valid & (loss < low)
-            best, low = np.where(better, c, best).astype(np.uint8), np.where(better, loss, low)
-        sc = self._nvfp4_factor(best)
-        return best, sc, sc
-
-    @staticmethod
-    def _mx_factors(byte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        e = byte.astype(np.int32) - 127
-        one = np.ones(len(byte), dtype=np.float32)
+    def _factors(self, code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(quantize factor, decode factor) per row of scale bytes ``code`` (uint8)."""
+        if self.scheme == "nvfp4":
+            sc = (code.view(reference.E4M3).astype(np.float32) / np.float32(self.gs)).astype(np.float32)
+            return sc, sc
+        e = code.astype(np.int32) - 127
+        one = np.ones(len(code), dtype=np.float32)
         dec = reference.round_to_dtype(np.ldexp(one, e).astype(np.float32), BF16)  # bf16(2 ** (e - 127))
         return np.ldexp(one, -e).astype(np.float32), dec
+
+    def _gptq_search(self, g: np.ndarray, hinv: np.ndarray, values: np.ndarray):
+        """``mse`` inside GPTQ: the data-free search's candidates (reference._nvfp4_search:
+        compressed-tensors' code c6, then c6 + 1 .. c6 + 6 and the 4-over-6 code c4 within
+        0x01 .. 0x7E; MXFP4: the RTN exponent b0, then b0 - 1 and b0 + 1 within 0 .. 254), each
+        run through the group's own GPTQ pass (:func:`_group_loss`); a candidate replaces the
+        best so far only with a strictly lower GPTQ loss, so RTN's scale wins a tie."""
+        nv = self.scheme == "nvfp4"
+        if nv:
+            _, best = kernels.quantize_nvfp4(g, self.gs, search="none")
+            amax = np.abs(g).max(axis=1)
+            f32 = np.dtype(np.float32)
+            c6 = reference._nvfp4_code(amax, f32, self.gs, 6).astype(np.int64)
+            c4 = reference._nvfp4_nonzero(reference._nvfp4_code(amax, f32, self.gs, 4)).astype(np.int64)
+            candidates, lo, hi = [c6 + k for k in range(1, 7)] + [c4], 0x01, 0x7E
+        else:
+            _, best = kernels.quantize_mxfp4(g, search="none")
+            b0 = best[:, 0].astype(np.int64)
+            candidates, lo, hi = [b0 - 1, b0 + 1], 0, 254
+        best = best[:, 0].copy()
+        low = _group_loss(g, hinv, *self._factors(best), values, nv)
+        for c in candidates:
+            valid = (c >= lo) & (c <= hi)
+            c = np.clip(c, lo, hi).astype(np.uint8)
+            loss = _group_loss(g, hinv, *self._factors(c), values, nv)
+            better = valid & (loss < low)
+            best, low = np.where(better, c, best).astype(np.uint8), np.where(better, loss, low)
+        return (best, *self._factors(best))
 
 
 @njit(nogil=True, cache=True)
 def _group_loss(G, Hinv, fac, dec, values, divide):
-    """Per row, the GPTQ loss sum ((w - q) / Hinv_ii)^2 of one MXFP4 group of columns ``G``
-    [rows, n] quantized in turn with the row's factor ``fac`` (codes of w * fac, decoded as
-    bf16(value * dec)), each column's error spread over the group's later columns: the trial
-    of one scale candidate (float32, the order of :func:`_columns`)."""
+    """Per row, the GPTQ loss sum ((w - q) / Hinv_ii)^2 of one FP4 group of columns ``G``
+    [rows, n] quantized in turn with the row's factor ``fac`` (codes of w / fac with
+    ``divide``, NVFP4, else of w * fac; decoded as bf16(value * dec)), each column's error
+    spread over the group's later columns: the trial of one scale candidate (float32, the
+    quantization of :func:`_columns`)."""
     rows, n = G.shape
     out = np.empty(rows, dtype=np.float32)
     w = np.empty(n, dtype=np.float32)

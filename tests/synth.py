@@ -35,7 +35,7 @@ def llama_tensors(cfg: dict, dtype=ml_dtypes.bfloat16, seed: int = 0) -> dict[st
     kv = cfg["num_key_value_heads"] * hd
 
     def w(*shape, scale=0.05):
-        return (rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype)  # float64 -> float32 -> dtype
+        return _rand(rng, *shape, scale=scale, dtype=dtype)
 
     t = {"model.embed_tokens.weight": w(v, h)}
     for L in range(cfg["num_hidden_layers"]):
@@ -234,7 +234,7 @@ def write_qwen3_block_fp8(root: Path, twin: Path | None = None, seed: int = 1) -
     h, i, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     out: dict[str, np.ndarray] = {}
     ref: dict[str, np.ndarray] = {}
-    out["model.embed_tokens.weight"] = (rng.standard_normal((256, h)) * 0.5).astype(np.float32).astype(ml_dtypes.bfloat16)
+    out["model.embed_tokens.weight"] = _rand(rng, 256, h, scale=0.5)
     for L in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{L}."
         for n, s in (("self_attn.q_proj", (4 * hd, h)), ("self_attn.k_proj", (2 * hd, h)), ("self_attn.v_proj", (2 * hd, h)),
@@ -248,7 +248,7 @@ def write_qwen3_block_fp8(root: Path, twin: Path | None = None, seed: int = 1) -
         for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
             out[p + n + ".weight"] = np.ones(hd if "_norm" in n and "self_attn" in n else h, ml_dtypes.bfloat16)
     out["model.norm.weight"] = np.ones(h, ml_dtypes.bfloat16)
-    out["lm_head.weight"] = (rng.standard_normal((256, h)) * 0.08).astype(np.float32).astype(ml_dtypes.bfloat16)
+    out["lm_head.weight"] = _rand(rng, 256, h)
     for k, v in out.items():
         if not k.endswith("_scale_inv"):
             ref.setdefault(k, v)
@@ -261,6 +261,9 @@ def write_qwen3_block_fp8(root: Path, twin: Path | None = None, seed: int = 1) -
 # --------------------------------------------------------------------------- MoE
 
 def _rand(rng, *shape, scale=0.08, dtype=ml_dtypes.bfloat16):
+    """Normal weights in ``dtype``, rounded float64 -> float32 -> dtype: ml_dtypes < 0.7
+    rounds float64 -> bfloat16 twice (through float32), 0.7 once, so a direct cast would make
+    the fixtures (and the golden hashes) depend on the ml_dtypes version."""
     return (rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype)
 
 

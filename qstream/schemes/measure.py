@@ -10,22 +10,24 @@ import numpy as np
 try:
     from numba import njit
 
-    from .kernels_common import _bits_f32, _f32_bits
+    from .kernels_common import _bits_f32, _round_bf16
 except ModuleNotFoundError:  # numba not installed: convert runs the numpy reference (convert._kernels), this too
     def njit(*args, **kwargs):
         return lambda f: f
 
-    def _f32_bits(x):
-        return np.float32(x).view(np.uint32)
-
     def _bits_f32(u):
         return np.uint32(u).view(np.float32)
+
+    def _round_bf16(x):
+        return np.float32(x).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 @njit(nogil=True, cache=True)
-def _fp4_error(w, w_bf16, packed, mult, group, lut):  # pragma: no cover - compiled
+def _fp4_error(src, shift, packed, mult, group, lut):  # pragma: no cover - compiled
+    """``src``: the source rows as raw bits (bfloat16 as uint16 with ``shift`` 16, float32 as
+    uint32 with ``shift`` 0)."""
     rows, half = packed.shape
     cols = half * 2
     dec = np.empty(cols, np.float32)
@@ -38,46 +40,25 @@ def _fp4_error(w, w_bf16, packed, mult, group, lut):  # pragma: no cover - compi
                 byte = packed[r, j]
                 dec[2 * j] = lut[byte & 15] * m
                 dec[2 * j + 1] = lut[byte >> 4] * m
-        if w_bf16.shape[0]:
-            ra, rb = _row_sums_bf16(w_bf16[r], dec)
-        else:
-            ra, rb = _row_sums_f32(w[r], dec)
+        ra, rb = _row_sums(src[r], shift, dec)
         a += ra
         b += rb
     return a, b
 
 
-# One row's (sum x^2, sum (x - decoded)^2) in float64, the decoded value rounded to nearest
-# even bfloat16 first (as .astype(bfloat16) does, finite values). ``reassoc`` lets LLVM split
-# the two sums into vector lanes: the squares are exact in float64 and non-negative, so the
-# order moves the sums by a few ulps at most, far below the card's four digits (a third
-# less CPU for the measurement than the in-order sums, which were 60% of a round-to-nearest
-# conversion's kernel time).
-@njit(inline="always")
-def _rne_bf16(q):
-    u = _f32_bits(q)
-    return _bits_f32((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
-
-
 @njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _row_sums_bf16(src_bits, dec):  # pragma: no cover - compiled
+def _row_sums(src, shift, dec):  # pragma: no cover - compiled
+    """One row's (sum x^2, sum (x - decoded)^2) in float64, the decoded value rounded to
+    nearest even bfloat16 first (as .astype(bfloat16) does). ``reassoc`` lets LLVM split the
+    two sums into vector lanes: the squares are exact in float64 and non-negative, so the
+    order moves the sums by a few ulps at most, far below the card's four digits (a third
+    less CPU for the measurement than the in-order sums, which were 60% of a round-to-nearest
+    conversion's kernel time)."""
     ra = 0.0
     rb = 0.0
     for c in range(dec.shape[0]):
-        x = _bits_f32(np.uint32(src_bits[c]) << np.uint32(16))
-        e = np.float64(x - _rne_bf16(dec[c]))
-        ra += np.float64(x) * np.float64(x)
-        rb += e * e
-    return ra, rb
-
-
-@njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _row_sums_f32(src, dec):  # pragma: no cover - compiled
-    ra = 0.0
-    rb = 0.0
-    for c in range(dec.shape[0]):
-        x = src[c]
-        e = np.float64(x - _rne_bf16(dec[c]))
+        x = _bits_f32(np.uint32(src[c]) << np.uint32(shift))
+        e = np.float64(x - _round_bf16(dec[c]))
         ra += np.float64(x) * np.float64(x)
         rb += e * e
     return ra, rb
@@ -99,7 +80,7 @@ def fp4_error(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, global_scale
         mult = e8m0[scale.view(np.uint8)]
         group = 32
     if x.dtype == _BF16:
-        bits, w = np.ascontiguousarray(x).view(np.uint16), np.empty((0, 0), np.float32)
+        src, shift = np.ascontiguousarray(x).view(np.uint16), 16
     else:
-        bits, w = np.empty((0, 0), np.uint16), np.ascontiguousarray(x, dtype=np.float32)
-    return _fp4_error(w, bits, np.ascontiguousarray(packed), np.ascontiguousarray(mult), group, _LUT)
+        src, shift = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32), 0
+    return _fp4_error(src, shift, np.ascontiguousarray(packed), np.ascontiguousarray(mult), group, _LUT)

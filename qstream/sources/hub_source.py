@@ -5,10 +5,11 @@ downloads config.json, the index and the small side files (into the HF cache), a
 reads every safetensors header with HTTP range requests, so the plan is made before
 any tensor byte is fetched. Each shard's ``TensorInfo.path`` is where the shard
 *will* be: its HF cache snapshot path, or ``DST/.cache/huggingface/qstream/downloads/<file>`` with
-``--low-disk``. :class:`SourceFetcher` downloads a shard when the executor first
-opens it, prefetching the next ones in the background (two at a time) so that the
-link never idles (with ``--low-disk`` never more than two unreleased shards), and,
-with ``--low-disk``, deletes it as soon as the executor releases it. With ``HF_HUB_OFFLINE=1`` a cached snapshot is opened like a folder.
+``--low-disk``. :class:`SourceFetcher` downloads the shards in the plan's read order,
+two at a time and back to back, so that the link never idles (a shard the executor opens
+before its turn is fetched then); with ``--low-disk`` it keeps at most two unreleased
+shards on disk and deletes each as soon as the executor releases it. With
+``HF_HUB_OFFLINE=1`` a cached snapshot is opened like a folder.
 """
 
 from __future__ import annotations
