@@ -6,7 +6,8 @@ One block of an FP8 per-tensor MLP weight with Mistral Medium 3.5's width (12288
 ``qstream convert`` runs on it: the FP8 decode (numpy's gather + multiply, the reference,
 and the fused kernel convert uses), the absmax of the codes (NVFP4 global-scale pass of a
 per-tensor source), the finite check (absmax of the decoded rows), the FP4 quantization
-(``--scale-search none`` and the default ``mse``) and the error measurement for the card.
+(``--scale-search none`` and the default ``mse``) and the error measurement for the card
+(also of the same values as a BF16 source).
 Best of ``--repeat``, nanoseconds per value, NUMBA_NUM_THREADS=1 (one core's rate); the
 sum per scheme is the CPU cost of one MLP value, the figure benchmarks/RESULTS-gb10.md
 projects from.
@@ -73,6 +74,11 @@ def main() -> None:
         measure.fp4_error(x, p, s, gs, decode._E8M0_BF16)
         rows.append((f"{name} error measurement (card, verify)",
                      ns(lambda: measure.fp4_error(x, p, s, gs, decode._E8M0_BF16)), name))
+        xb = x.astype(ml_dtypes.bfloat16)  # a BF16 source (the measure reads its bits directly)
+        pb, sb = sch.quantize(k, xb, gs, "mse")
+        measure.fp4_error(xb, pb, sb, gs, decode._E8M0_BF16)
+        rows.append((f"{name} error measurement, BF16 source",
+                     ns(lambda: measure.fp4_error(xb, pb, sb, gs, decode._E8M0_BF16)), name + "-bf16"))
     lines = [f"Machine: {machine()}", f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', '(all)')}, load average at start "
              f"{os.getloadavg()[0]:.1f}", "",

@@ -96,6 +96,33 @@ def test_identity_hessian_is_the_reference_encoder(scheme, search):
     assert np.array_equal(dec, q.numpy())  # the error feedback uses the values the decoder gives
 
 
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gptq_loss_scale_choice_beats_plain_squared_error(monkeypatch, scheme, seed):
+    """With --scale-search mse, GPTQ picks each group's scale by the GPTQ loss of its own pass
+    (gptq._Grid._gptq_search). On correlated inputs that leaves a lower output error in the
+    Hessian's norm, tr((W - Q) H (W - Q)^T), than choosing by the plain squared error of the
+    group's current values (the kernels' search, what GPTQ did before)."""
+    from qstream import gptq
+
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((96, 256)) * 0.05).astype(np.float32)
+    mix = rng.standard_normal((256, 256)).astype(np.float32) * 0.3 + np.eye(256, dtype=np.float32)
+    x = rng.standard_normal((1024, 256)).astype(np.float32) @ mix * np.linspace(0.2, 3, 256).astype(np.float32)
+    h = torch.from_numpy(x.T @ x / 1024 * 2)
+    gs = reference.nvfp4_global_scale(reference.tensor_absmax(w), np.float32) if scheme == "nvfp4" else None
+
+    def h_error(q):
+        d = torch.from_numpy(w) - q
+        return float(torch.einsum("ri,ij,rj->", d, h, d))
+
+    new = h_error(gptq_quantize(torch.from_numpy(w), h, scheme, gs, "mse")[2])
+    plain = gptq._Grid.scale
+    monkeypatch.setattr(gptq._Grid, "scale", lambda self, wg, hinv=None, values=None: plain(self, wg))
+    old = h_error(gptq_quantize(torch.from_numpy(w), h, scheme, gs, "mse")[2])
+    assert new < old, (new, old)
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tiny_ckpt, tmp_path_factory):
     """GPTQ (scale search mse) and round-to-nearest outputs of the tiny fixture, per scheme."""
