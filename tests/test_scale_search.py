@@ -155,6 +155,26 @@ def test_search_lowers_the_decoded_error(dt):
     assert mx["mse"] < 0.995 * mx["none"]
 
 
+@pytest.mark.parametrize("dt", [BF16, np.dtype(np.float32)], ids=["bf16", "fp32"])
+def test_mxfp4_plus_one_never_beats_rtn(dt):
+    """The kernels skip the candidate b0 + 1 for bf16 / f32 blocks (kernels_mxfp4's
+    _mxfp4_row_search says why it cannot win): the reference's own error of b0 + 1 is
+    never below b0's, per block, on heavy-tailed weights and on blocks of every binade."""
+    rng = np.random.default_rng(9)
+    sweep = rng.standard_normal((600, 32)) * np.exp2(rng.integers(-140, 126, (600, 1)))
+    sweep *= np.exp2(-rng.integers(0, 30, (600, 32)) * (rng.random((600, 32)) < 0.5))
+    for w in (weights(dt, rows=96, heavy=True, seed=5), sweep.astype(np.float32).astype(dt)):
+        _, rtn = R.quantize_mxfp4(w)
+        dt_, g = R._groups(w, R.MXFP4_GROUP)
+        norm = R._err_norm(np.max(np.abs(g), axis=-1))
+        b0 = rtn.astype(np.int64)
+        ok = b0 <= 253
+        _, e0 = R._mx_candidate(g, dt_, b0, norm)
+        _, e1 = R._mx_candidate(g, dt_, np.minimum(b0 + 1, 254), norm)
+        assert np.all(e1[ok] >= e0[ok])
+        assert np.mean(e1[ok] > e0[ok]) > 0.9
+
+
 def test_mxfp4_search_reaches_the_format_optimum():
     """For MXFP4 the best codes for a given exponent are the nearest ones, so the
     format's least-squares block is the best exponent: no exponent two or three steps

@@ -246,6 +246,29 @@ def case_all_values_shuffled(dt, rng):
     return rng.permutation(w).reshape(-1, 64)
 
 
+def case_exponent_sweep(dt, rng):
+    """One 32-value group per amax binade of the dtype (subnormal to largest finite), each
+    with random mantissas, values 0 to 30 binades below its amax (subnormals and zeros
+    included) and random signs: every MXFP4 byte, on both sides of the kernels' vector-path
+    bounds (1 <= byte <= 126 for the search, <= 127 for round to nearest), and NVFP4 blocks
+    at every scale."""
+    fi = ml_dtypes.finfo(dt)
+    lo, hi = int(np.log2(float(fi.smallest_subnormal))), int(np.log2(float(fi.max)))
+    groups = []
+    for k in range(lo, hi + 1):
+        for _ in range(2):
+            mant = rng.uniform(1.0, 2.0, 32)
+            drop = rng.integers(0, 31, 32) * (rng.random(32) < 0.7)
+            drop[0] = 0
+            v = mant * np.exp2(np.float64(k) - drop) * rng.choice([-1.0, 1.0], 32)
+            v[rng.random(32) < 0.05] = 0.0
+            groups.append(v)
+    g = np.array(groups)
+    w = g.astype(np.float32).astype(dt)
+    w[~np.isfinite(w.astype(np.float32))] = fi.max
+    return np.ascontiguousarray(w.reshape(-1, 64) if len(groups) % 2 == 0 else w)
+
+
 def _random(shape, spread):
     def make(dt, rng):
         w = rng.standard_normal(shape).astype(np.float32) * np.float32(0.02)
@@ -273,6 +296,7 @@ CASES = {
     "all_neg_zero": lambda dt, rng: np.full((2, 32), -0.0, dtype=dt),
     "all_values": case_all_values,
     "all_values_shuffled": case_all_values_shuffled,
+    "exponent_sweep": case_exponent_sweep,
 }
 
 
@@ -344,6 +368,14 @@ def test_edge_cases_exercise_what_they_claim(dt):
     x = np.abs(w.astype(np.float32))
     assert np.any((x > 0) & (x < ml_dtypes.finfo(dt).tiny)), "no subnormal input"
     assert R.nvfp4_global_scale(R.tensor_absmax(make_case("tiny_tensor", dt)), dt) == 1.0
+
+    w = make_case("exponent_sweep", dt)
+    _, rtn = R.quantize_mxfp4(w)
+    _, mse = R.quantize_mxfp4(w, "mse")
+    # both sides of the vector paths' bounds (fp16 groups, all scalar, reach 111 .. 140 only)
+    for b in (0, 1, 2, 125, 126, 127, 128, 129) if dt != F16 else (111, 126, 127, 128, 140):
+        assert np.any(rtn == b) and np.any(mse == b), b
+    assert np.any(mse != rtn), "the search never moves a scale"
 
     w = make_case("signed_zeros", dt)
     codes = R.unpack_fp4(ref_nvfp4(w)[0])

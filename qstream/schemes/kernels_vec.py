@@ -1,0 +1,224 @@
+"""Whole-block vector steps of the FP4 kernels, written as portable LLVM vector IR (llvmlite
+intrinsics): numba does not run LLVM's SLP vectorizer, and its loop vectorizer leaves a
+group's 16- or 32-iteration loops (amax, codes) scalar or half-vectorized. Each step reads
+one group's raw element bits straight from a 1-D row (uint16 bf16 or uint32 f32 bits: the
+kind is the array's integer type, as in :mod:`kernels_common`) and keeps the block in
+registers: AVX2 / AVX-512 on x86, NEON on ARM. IEEE semantics, no fast-math: every float
+operation is the scalar code's, in the same order, so the results are the same bits.
+
+* :func:`_amax_bits16` / :func:`_amax_bits32`: a group's largest magnitude bits (the
+  scalar ``_group_amax_bits``);
+* :func:`_emit_mul32`: the FP4 codes of ``x * s`` for the 32 values of an MXFP4 group,
+  packed two per byte into the output row (``_fp4`` + ``_pack_row``), with no dtype
+  rounding of the product (the caller's job: exact for f32, and for bf16 when ``s >= 1``);
+* :func:`_emit_div16`: the same for ``x / sc`` over an NVFP4 group (float32 division, as
+  compressed-tensors and the scalar kernel do);
+* :func:`_mx_err2`: the squared errors of an MXFP4 group under two power-of-two scales
+  (the "mse" search's candidates that can win), summed pairwise over halves like the
+  reference.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_F32 = ir.FloatType()
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _splat(builder, x, n):
+    v = builder.insert_element(ir.Constant(_vec(x.type, n), ir.Undefined), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(_vec(x.type, n), ir.Undefined),
+                                  ir.Constant(_vec(_I32, n), [0] * n))
+
+
+def _const(t, n, value):
+    return ir.Constant(_vec(t, n), [value] * n)
+
+
+def _fconst(n, value):
+    return _const(_F32, n, float(value))
+
+
+def _half(builder, v, n, upper):
+    """Lanes [0, n/2) or [n/2, n) of an n-lane vector."""
+    h = n // 2
+    idx = list(range(h, n)) if upper else list(range(h))
+    return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(_vec(_I32, h), idx))
+
+
+def _load_bits(context, builder, rowty, rowval, off, n):
+    """n raw element bits of a 1-D row from element ``off`` (unaligned load)."""
+    ary = context.make_array(rowty)(context, builder, rowval)
+    ity = ir.IntType(rowty.dtype.bitwidth)
+    ptr = builder.bitcast(builder.gep(ary.data, [off]), _vec(ity, n).as_pointer())
+    return builder.load(ptr, align=rowty.dtype.bitwidth // 8)
+
+
+def _as_f32(builder, bits, n, magnitude):
+    """Element bits -> float32 values (bf16: shifted; f32: as is), or their magnitudes."""
+    bw = bits.type.element.width
+    if magnitude:
+        bits = builder.and_(bits, _const(bits.type.element, n, (1 << (bw - 1)) - 1))
+    if bw == 16:
+        bits = builder.shl(builder.zext(bits, _vec(_I32, n)), _const(_I32, n, 16))
+    return builder.bitcast(bits, _vec(_F32, n))
+
+
+def _check_row(row):
+    # int16 (fp16) rows type-check too, so that a kernel's fp16 specialization compiles,
+    # but only the amax reads them right: the kernels send fp16 groups to scalar code
+    return isinstance(row, types.Array) and row.ndim == 1 and row.dtype in (types.uint16, types.int16, types.uint32)
+
+
+def _make_amax(n):
+    @intrinsic
+    def amax(typingctx, row, off):
+        if not _check_row(row):
+            return None
+
+        def codegen(context, builder, signature, args):
+            rowv, offv = args
+            bits = _load_bits(context, builder, row, rowv, offv, n)
+            bw = bits.type.element.width
+            v = builder.and_(bits, _const(bits.type.element, n, (1 << (bw - 1)) - 1))
+            k = n
+            while k > 1:
+                lo, hi = _half(builder, v, k, False), _half(builder, v, k, True)
+                v = builder.select(builder.icmp_unsigned(">", hi, lo), hi, lo)
+                k //= 2
+            m = builder.extract_element(v, ir.Constant(_I32, 0))
+            return builder.zext(m, _I32) if bw < 32 else m
+
+        return types.uint32(row, off), codegen
+
+    return amax
+
+
+_amax_bits16 = _make_amax(16)
+_amax_bits32 = _make_amax(32)
+
+# FP4 E2M1 index thresholds of compressed-tensors' rounding (``_fp4``): strict ">" at the
+# even-index ties, ">=" at the odd ones
+_FP4_STEPS = ((">", 0.25), (">=", 0.75), (">", 1.25), (">=", 1.75), (">", 2.5), (">=", 3.5), (">", 5.0))
+
+
+def _fp4_codes(builder, q, n):
+    """``_fp4`` of every lane of q: n int8 codes."""
+    i8 = ir.IntType(8)
+    vi = _vec(_I32, n)
+    a = builder.bitcast(builder.and_(builder.bitcast(q, vi), _const(_I32, n, 0x7FFFFFFF)), q.type)  # fabs
+    idx = ir.Constant(_vec(i8, n), [0] * n)
+    for op, t in _FP4_STEPS:
+        idx = builder.add(idx, builder.zext(builder.fcmp_ordered(op, a, _fconst(n, t)), _vec(i8, n)))
+    neg = builder.fcmp_ordered("<", q, _fconst(n, 0.0))
+    return builder.or_(idx, builder.select(neg, _const(i8, n, 8), _const(i8, n, 0)))
+
+
+def _store_packed(context, builder, outty, outval, poff, codes, n):
+    """Pack n codes two per byte (even index low nibble) into out[poff : poff + n/2]."""
+    i8 = ir.IntType(8)
+    h = n // 2
+    und = ir.Constant(codes.type, ir.Undefined)
+    lo = builder.shuffle_vector(codes, und, ir.Constant(_vec(_I32, h), list(range(0, n, 2))))
+    hi = builder.shuffle_vector(codes, und, ir.Constant(_vec(_I32, h), list(range(1, n, 2))))
+    byte = builder.or_(lo, builder.shl(hi, _const(i8, h, 4)))
+    ary = context.make_array(outty)(context, builder, outval)
+    ptr = builder.bitcast(builder.gep(ary.data, [poff]), _vec(i8, h).as_pointer())
+    builder.store(byte, ptr, align=1)
+
+
+def _check_out(out):
+    return isinstance(out, types.Array) and out.ndim == 1 and out.dtype == types.uint8
+
+
+@intrinsic
+def _emit_mul32(typingctx, row, off, s, out, poff):
+    """out[poff : poff + 16] = the packed FP4 codes of row[off : off + 32] * s (float32
+    products, not rounded to the dtype)."""
+    if not (_check_row(row) and _check_out(out)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        rowv, offv, sv, outv, poffv = args
+        x = _as_f32(builder, _load_bits(context, builder, row, rowv, offv, 32), 32, False)
+        codes = _fp4_codes(builder, builder.fmul(x, _splat(builder, sv, 32)), 32)
+        _store_packed(context, builder, out, outv, poffv, codes, 32)
+        return context.get_dummy_value()
+
+    return types.void(row, off, types.float32, out, poff), codegen
+
+
+@intrinsic
+def _emit_div16(typingctx, row, off, sc, out, poff):
+    """out[poff : poff + 8] = the packed FP4 codes of row[off : off + 16] / sc."""
+    if not (_check_row(row) and _check_out(out)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        rowv, offv, scv, outv, poffv = args
+        x = _as_f32(builder, _load_bits(context, builder, row, rowv, offv, 16), 16, False)
+        codes = _fp4_codes(builder, builder.fdiv(x, _splat(builder, scv, 16)), 16)
+        _store_packed(context, builder, out, outv, poffv, codes, 16)
+        return context.get_dummy_value()
+
+    return types.void(row, off, types.float32, out, poff), codegen
+
+
+def _fp4_mag_v(builder, q, n):
+    """``kernels_common._fp4_mag`` of every lane (q >= 0, not NaN)."""
+    lo = builder.fcmp_ordered("<", q, _fconst(n, 2.0))
+    mid = builder.fcmp_ordered("<", q, _fconst(n, 4.0))
+    k = builder.select(lo, _fconst(n, 2.0), builder.select(mid, _fconst(n, 1.0), _fconst(n, 0.5)))
+    ik = builder.select(lo, _fconst(n, 0.5), builder.select(mid, _fconst(n, 1.0), _fconst(n, 2.0)))
+    y = builder.fmul(q, k)
+    two23 = _fconst(n, 2.0**23)
+    m = builder.fmul(builder.fsub(builder.fadd(y, two23), two23), ik)
+    big = builder.select(builder.fcmp_ordered(">", q, _fconst(n, 6.0)), _fconst(n, 6.0), _fconst(n, 0.0))
+    return builder.select(builder.fcmp_ordered("<=", m, _fconst(n, 6.0)), m, big)
+
+
+def _tree(builder, v, n):
+    """The reference's pairwise sum over halves: v[j] += v[j + n/2], ..., down to one lane."""
+    k = n
+    while k > 1:
+        v = builder.fadd(_half(builder, v, k, False), _half(builder, v, k, True))
+        k //= 2
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+@intrinsic
+def _mx_err2(typingctx, row, off, pn, inv0, sc0, inv1, sc1):
+    """The MXFP4 search's errors of row[off : off + 32] under two scales (inv_k = 2**(127 -
+    b_k), sc_k = 2**(b_k - 127), 0 <= b_k <= 254): sum over the block, pairwise over halves,
+    of (|x| * pn - ((mag(|x| * inv_k) * sc_k) * pn))**2, mag = ``_fp4_mag``. For bf16 and f32
+    inputs this is the reference's error bit for bit without its two dtype roundings: that
+    of |x| * inv_k (an exact power-of-two scaling of a value with at most 24 significant
+    bits, unless the product is below 2**-126, which rounds either way to a magnitude of 0),
+    and the bf16 rounding of mag * sc_k (two significant bits, at least 2**-128, or inf)."""
+    if not _check_row(row):
+        return None
+    f = types.float32
+    sig = types.UniTuple(f, 2)(row, off, f, f, f, f, f)
+
+    def codegen(context, builder, signature, args):
+        rowv, offv, pnv, inv0v, sc0v, inv1v, sc1v = args
+        n = 32
+        a = _as_f32(builder, _load_bits(context, builder, row, rowv, offv, n), n, True)
+        pns = _splat(builder, pnv, n)
+        an = builder.fmul(a, pns)
+        sums = []
+        for inv, sc in ((inv0v, sc0v), (inv1v, sc1v)):
+            mag = _fp4_mag_v(builder, builder.fmul(a, _splat(builder, inv, n)), n)
+            d = builder.fsub(an, builder.fmul(builder.fmul(mag, _splat(builder, sc, n)), pns))
+            sums.append(_tree(builder, builder.fmul(d, d), n))
+        return context.make_tuple(builder, signature.return_type, sums)
+
+    return sig, codegen
