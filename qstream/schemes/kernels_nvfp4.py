@@ -12,8 +12,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import reference as _reference
+from .kernels_vec import _amax_bits16, _emit_div16
 from .kernels_common import (
-    _abs_mask,
     _bits,
     _bits_f32,
     _check_out,
@@ -28,11 +28,9 @@ from .kernels_common import (
     _F32_ZERO_SCALE,
     _fp4,
     _fp4_mag,
-    _group_amax_bits,
     _kind_of,
     _nchunks,
     NVFP4_GROUP,
-    _pack_row,
     _round_bf16,
     _round_to,
 )
@@ -49,13 +47,26 @@ def _mode(search: str) -> int:
     return _NV_MODES[search]
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _nv_emit(w, r, base, sc, kind, packed, codes):
+    """The FP4 codes of one group, x / sc (float32 division, no dtype rounding), packed
+    into the row's 8 bytes: the vector step for bf16 / f32, scalar code for fp16."""
+    if kind == 1:
+        for j in range(16):
+            codes[j] = _fp4(_decode(w[r, base + j], kind) / sc)
+        for j in range(8):
+            packed[r, base // 2 + j] = codes[2 * j] | (codes[2 * j + 1] << np.uint8(4))
+    else:
+        _emit_div16(w[r], base, sc, packed[r], base // 2)
+
+
 @njit(nogil=True, cache=True)
 def _nvfp4_row(w, r, gs, e4m3_values, packed, scale, codes):
     kind = _kind_of(w)
-    mask = _abs_mask(kind)
+    row = w[r]
     for g in range(w.shape[1] // 16):
         base = g * 16
-        amax = _decode(_group_amax_bits(w, r, base, 16, mask), kind)
+        amax = _decode(_amax_bits16(row, base), kind)
         s = _round_to(amax / _F32_SIX, kind)  # dtype(amax / 6)
         t = gs * s  # float32
         if t > _F32_E4M3_MAX:
@@ -66,10 +77,7 @@ def _nvfp4_row(w, r, gs, e4m3_values, packed, scale, codes):
             code = np.uint8(0x20)
             sv = _F32_ZERO_SCALE
         scale[r, g] = code
-        sc = sv / gs  # float32(scale / global_scale)
-        for j in range(16):
-            codes[base + j] = _fp4(_decode(w[r, base + j], kind) / sc)
-    _pack_row(codes, packed, r)
+        _nv_emit(w, r, base, sv / gs, kind, packed, codes)  # float32(scale / global_scale)
 
 
 @njit(inline="always", nogil=True, cache=True)
@@ -324,11 +332,11 @@ def _nv_err1(xa, pn, sc, e):
 @njit(nogil=True, cache=True, error_model="numpy")
 def _nvfp4_row_search(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa, xn, dd, hi, e, e1, mode, nj):
     kind = _kind_of(w)
-    mask = _abs_mask(kind)
     inf_bits = np.uint32(0x7F80) if kind == 0 else (np.uint32(0x7C00) if kind == 1 else np.uint32(0x7F800000))
+    row = w[r]
     for g in range(w.shape[1] // 16):
         base = g * 16
-        m = _group_amax_bits(w, r, base, 16, mask)
+        m = _amax_bits16(row, base)
         amax = _decode(m, kind)
         c6 = _nv_code(amax, _F32_SIX, gs, kind)
         c4 = _nv_code(amax, _F32_FOUR, gs, kind)
@@ -373,10 +381,7 @@ def _nvfp4_row_search(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, code
                 if _nv_err1(xa, pn, e4m3_values[c4] / gs, e1) < be:
                     best = c4
         scale[r, g] = np.uint8(best)
-        s = e4m3_values[best] / gs
-        for j in range(nj):
-            codes[base + j] = _fp4(_decode(w[r, base + j], kind) / s)
-    _pack_row(codes, packed, r)
+        _nv_emit(w, r, base, e4m3_values[best] / gs, kind, packed, codes)
 
 
 # ------------------------------------------------------------ whole-matrix kernels
