@@ -175,6 +175,48 @@ def test_mxfp4_plus_one_never_beats_rtn(dt):
         assert np.mean(e1[ok] > e0[ok]) > 0.9
 
 
+@pytest.mark.parametrize("gs", [np.float32(448 * 6 / 3.0), np.float32(1024.0)], ids=["gs896", "gs1024"])
+@pytest.mark.parametrize("dt", DTYPES, ids=DTYPE_IDS)
+def test_nvfp4_search_at_the_fp4_thresholds(dt, gs):
+    """Blocks made of the values where a candidate's FP4 index steps (the least float32
+    reaching each index under each of the 8 candidate scales, and the float just below),
+    for f32 exactly, for bf16 / fp16 their nearest values: the kernels' table search (an
+    index from two compares per lane) chooses every block's code as the reference does,
+    where a tie read the wrong way moves the error of the lanes it touches. A power-of-two
+    global scale makes the odd-index ties (x / sc == 0.75, 1.75, 3.5) exact in every
+    dtype."""
+    from qstream.schemes import kernels_nvfp4 as KN
+
+    rng = np.random.default_rng(11)
+    tg = np.empty(128 * 80, np.float32)
+    dg = np.empty(128 * 80, np.float32)
+    assert KN._nv_tables(gs, KN._E4M3_VALUES, KN._NV_TAU, KN._NV_MAG, tg, dg)
+    rows = []
+    while len(rows) < 4096:
+        amax = np.float32(rng.uniform(0.01, 3.0))
+        amax = np.float32(amax.astype(dt))
+        c6 = int(R._nvfp4_code(np.array([amax]), dt, gs, 6)[0])
+        if not 8 <= c6 <= 0x76:
+            continue
+        cand = tg[c6 * 80 + 24: c6 * 80 + 80]  # T_1 .. T_7 of the codes c6 .. c6 + 7
+        pool = np.concatenate([cand, np.nextafter(cand, np.float32(0))]).astype(np.float32)
+        pool = pool[(pool > 0) & (pool < amax)]
+        pool = pool.astype(dt).astype(np.float32)
+        pool = pool[(pool > 0) & (pool < amax)]
+        if pool.size == 0:
+            continue
+        row = rng.choice(pool, 16) * rng.choice(np.float32([-1, 1]), 16)
+        row[rng.integers(16)] = amax * rng.choice([-1, 1])
+        rows.append(row)
+    w = np.array(rows, np.float32).reshape(256, 256).astype(dt)
+    for search in ("4over6", "mse"):
+        packed, code = K.quantize_nvfp4(w, gs, search)
+        ref_packed, ref_code = R.quantize_nvfp4(w, gs, search)
+        assert np.array_equal(code, ref_code), search
+        assert np.array_equal(packed, ref_packed), search
+        assert np.mean(code != K.quantize_nvfp4(w, gs)[1]) > 0.05  # the search moves blocks here
+
+
 def test_mxfp4_search_reaches_the_format_optimum():
     """For MXFP4 the best codes for a given exponent are the nearest ones, so the
     format's least-squares block is the best exponent: no exponent two or three steps

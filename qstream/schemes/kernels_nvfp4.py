@@ -12,7 +12,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import reference as _reference
-from .kernels_vec import _amax_bits16, _emit_div16
+from .kernels_vec import _amax_bits16, _emit_div16, _nv_err8
 from .kernels_common import (
     _bits,
     _bits_f32,
@@ -104,6 +104,10 @@ def _nv_code(amax, div, gs, kind):
 # * the divisors of the 8 lanes span less than a factor 2 (7 E4M3 steps), and any two
 #   FP4 thresholds two indices apart are a factor >= 2 apart, so a value's index under
 #   lane k is its RTN index h, h - 1 or h - 2: two compares and two selects per lane.
+#
+# For bf16 / f32 blocks in "mse" mode the whole step runs in registers (kernels_vec's
+# ``_nv_err8``, from the raw row bits); fp16 blocks and "4over6" go through the arrays
+# below (``_nv_block_err8`` / ``_nv_block_err1``) with the same arithmetic.
 #
 # The errors are the reference's (same float32 operations in the same order), the lanes
 # are scanned in the reference's candidate order with its strict "<", so the chosen
@@ -343,17 +347,32 @@ def _nvfp4_row_search(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, code
         best_rtn = c6 if e4m3_values[c6] != np.float32(0.0) else np.int64(0x20)
         c4 = np.int64(0x20) if (c4 & 0x7F) == 0 else c4
         pn = _err_norm(amax)
+        best = best_rtn
+        fast = tab_ok and m < inf_bits and c6 >= 8
+        if mode == 2 and kind != 1 and fast and c4 - c6 <= 7:  # the whole search in registers
+            cb = c6 * 80
+            for rr in range(10):
+                _v8_mul(dd, rr * 8, dg, cb + rr * 8, pn)  # decoded magnitudes * normalizer
+            _nv_err8(row, base, pn, tg, cb, dd, e)
+            be = e[0]
+            for k in range(1, 8):  # candidate order; c6 + 7 only as c4
+                c = c6 + k
+                better = c <= 0x7E and (k < 7 or c4 == c) and e[k] < be
+                best = c if better else best
+                be = e[k] if better else be
+            scale[r, g] = np.uint8(best)
+            _nv_emit(w, r, base, e4m3_values[best] / gs, kind, packed, codes)
+            continue
         for j in range(nj):
             a = abs(_decode(w[r, base + j], kind))
             xa[j] = a
             xn[j] = a * pn
-        best = best_rtn
-        if mode == 1 and tab_ok and m < inf_bits and c6 >= 8:  # 4over6: two candidates
+        if mode == 1 and fast:  # 4over6: two candidates
             if c4 != c6 and c4 <= 0x7E:
                 be = _nv_block_err1(xa, xn, c6, tg, dg, dd, pn, e)
                 if _nv_block_err1(xa, xn, c4, tg, dg, dd, pn, e) < be:
                     best = c4
-        elif tab_ok and m < inf_bits and c6 >= 8 and c4 - c6 <= 7:
+        elif fast and c4 - c6 <= 7:
             _nv_block_err8(xa, xn, c6, tg, dg, dd, pn, hi, e, nj)
             be = e[0]
             for k in range(1, 8):  # candidate order; c6 + 7 only as c4

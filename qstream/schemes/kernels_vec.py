@@ -15,7 +15,9 @@ operation is the scalar code's, in the same order, so the results are the same b
   compressed-tensors and the scalar kernel do);
 * :func:`_mx_err2`: the squared errors of an MXFP4 group under two power-of-two scales
   (the "mse" search's candidates that can win), summed pairwise over halves like the
-  reference.
+  reference;
+* :func:`_nv_err8`: the errors of an NVFP4 group under the "mse" search's 8 candidate
+  scale codes, from the per-global-scale threshold / decode tables of ``kernels_nvfp4``.
 """
 
 from __future__ import annotations
@@ -222,3 +224,69 @@ def _mx_err2(typingctx, row, off, pn, inv0, sc0, inv1, sc1):
         return context.make_tuple(builder, signature.return_type, sums)
 
     return sig, codegen
+
+
+@intrinsic
+def _nv_err8(typingctx, row, off, pn, tg, cb, dd, e):
+    """e[0:8] = the NVFP4 search's errors of row[off : off + 16] (bf16 or f32 bits) under
+    the 8 candidate codes c6 + k of a block whose tables start at ``cb`` = 80 * c6 (see
+    ``kernels_nvfp4._nv_tables``), ``dd`` = the table's decoded magnitudes times ``pn``.
+
+    One value's RTN index h (the thresholds of lane 0 it reaches) picks its rows; under
+    lane k its index is h - 2, h - 1 or h (two compares and two selects, as ``_v8_err``),
+    its error (|x| * pn - d)**2, and the 16 error vectors are summed pairwise over halves
+    in registers: the scalar path's float operations in the same order. ``e`` (>= 56
+    floats) is also the scratch that hands |x|, |x| * pn and h to the per-value steps
+    (scalar loads, cheaper than lane extracts)."""
+    if not (_check_row(row) and isinstance(tg, types.Array) and isinstance(dd, types.Array)
+            and isinstance(e, types.Array)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        rowv, offv, pnv, tgv, cbv, ddv, ev = args
+        n = 16
+        a = _as_f32(builder, _load_bits(context, builder, row, rowv, offv, n), n, True)
+        an = builder.fmul(a, _splat(builder, pnv, n))
+        tga = context.make_array(tg)(context, builder, tgv)
+        dda = context.make_array(dd)(context, builder, ddv)
+        v8 = _vec(_F32, 8)
+
+        def load8(ary, off):
+            return builder.load(builder.bitcast(builder.gep(ary.data, [off]), v8.as_pointer()), align=4)
+
+        def at(ary, off):
+            return builder.load(builder.gep(ary.data, [off]))
+
+        h = ir.Constant(_vec(_I32, n), [0] * n)
+        for i in range(1, 8):  # lane 0's thresholds T_1 .. T_7 (table rows 3 .. 9)
+            t = _splat(builder, at(tga, builder.add(cbv, ir.Constant(_I64, 8 * (i + 2)))), n)
+            h = builder.add(h, builder.zext(builder.fcmp_ordered(">=", a, t), _vec(_I32, n)))
+        ea = context.make_array(e)(context, builder, ev)
+        base = ea.data  # scratch: e[8:24] = |x|, e[24:40] = |x| * pn, e[40:56] = h
+        fp = lambda k: builder.gep(base, [ir.Constant(_I64, k)])
+        builder.store(a, builder.bitcast(fp(8), _vec(_F32, n).as_pointer()), align=4)
+        builder.store(an, builder.bitcast(fp(24), _vec(_F32, n).as_pointer()), align=4)
+        builder.store(h, builder.bitcast(fp(40), _vec(_I32, n).as_pointer()), align=4)
+        errs = []
+        for j in range(n):
+            hj = builder.load(builder.bitcast(fp(40 + j), _I32.as_pointer()))
+            r8 = builder.mul(builder.zext(hj, _I64), ir.Constant(_I64, 8))
+            tb = builder.add(cbv, r8)
+            t1 = load8(tga, builder.add(tb, ir.Constant(_I64, 8)))
+            t2 = load8(tga, builder.add(tb, ir.Constant(_I64, 16)))
+            d0 = load8(dda, r8)
+            d1 = load8(dda, builder.add(r8, ir.Constant(_I64, 8)))
+            d2 = load8(dda, builder.add(r8, ir.Constant(_I64, 16)))
+            va = _splat(builder, builder.load(fp(8 + j)), 8)
+            d = builder.select(builder.fcmp_ordered(">=", va, t1), d1, d0)
+            d = builder.select(builder.fcmp_ordered(">=", va, t2), d2, d)
+            diff = builder.fsub(_splat(builder, builder.load(fp(24 + j)), 8), d)
+            errs.append(builder.fmul(diff, diff))
+        k = n
+        while k > 1:  # e_j += e_{j + k/2}
+            k //= 2
+            errs = [builder.fadd(errs[j], errs[j + k]) for j in range(k)]
+        builder.store(errs[0], builder.bitcast(ea.data, v8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(row, off, types.float32, tg, cb, dd, e), codegen
