@@ -595,11 +595,25 @@ def check_kernels(w, gs=None, parallel_modes=(False, True), searches=("none", "4
                 assert_bytes_equal(ks, ms, f"mxfp4 scale search={search} parallel={parallel}")
 
 
+def _wide(w, width):
+    """The case's groups laid out in rows of ``width`` values (its tail dropped), or None."""
+    flat = w.reshape(-1)
+    n = flat.size // width * width
+    return np.ascontiguousarray(flat[:n].reshape(-1, width)) if n else None
+
+
 @pytest.mark.parametrize("name,dt", CASE_PARAMS)
 def test_kernels_match_reference(name, dt):
+    """Every case as it is (mostly narrow rows: the kernels' per-group code) and laid out
+    in rows of 256 and 288 values, where the NVFP4 kernels take 16 groups' scales at a
+    time as vectors (288: and two groups after them the per-group way)."""
     w = make_case(name, dt)
     assert K.absmax(w) == R.tensor_absmax(w)
     check_kernels(w)
+    for width in (256, 288):
+        wide = _wide(w, width)
+        if wide is not None:
+            check_kernels(wide, parallel_modes=(False,))
 
 
 @pytest.mark.parametrize("dt", DTYPES, ids=DTYPE_IDS)

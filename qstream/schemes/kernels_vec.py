@@ -227,28 +227,29 @@ def _mx_err2(typingctx, row, off, pn, inv0, sc0, inv1, sc1):
 
 
 @intrinsic
-def _nv_err8(typingctx, row, off, pn, tg, cb, dd, e):
+def _nv_err8(typingctx, row, off, pn, tg, cb, dg, e):
     """e[0:8] = the NVFP4 search's errors of row[off : off + 16] (bf16 or f32 bits) under
-    the 8 candidate codes c6 + k of a block whose tables start at ``cb`` = 80 * c6 (see
-    ``kernels_nvfp4._nv_tables``), ``dd`` = the table's decoded magnitudes times ``pn``.
+    the 8 candidate codes c6 + k of a block whose tables (thresholds ``tg``, decoded
+    magnitudes ``dg``) start at ``cb`` = 80 * c6 (see ``kernels_nvfp4._nv_tables``).
 
     One value's RTN index h (the thresholds of lane 0 it reaches) picks its rows; under
     lane k its index is h - 2, h - 1 or h (two compares and two selects, as ``_v8_err``),
-    its error (|x| * pn - d)**2, and the 16 error vectors are summed pairwise over halves
+    its error (|x| * pn - d * pn)**2 (the product after the select: the same value as
+    selecting among products), and the 16 error vectors are summed pairwise over halves
     in registers: the scalar path's float operations in the same order. ``e`` (>= 56
     floats) is also the scratch that hands |x|, |x| * pn and h to the per-value steps
     (scalar loads, cheaper than lane extracts)."""
-    if not (_check_row(row) and isinstance(tg, types.Array) and isinstance(dd, types.Array)
+    if not (_check_row(row) and isinstance(tg, types.Array) and isinstance(dg, types.Array)
             and isinstance(e, types.Array)):
         return None
 
     def codegen(context, builder, signature, args):
-        rowv, offv, pnv, tgv, cbv, ddv, ev = args
+        rowv, offv, pnv, tgv, cbv, dgv, ev = args
         n = 16
         a = _as_f32(builder, _load_bits(context, builder, row, rowv, offv, n), n, True)
         an = builder.fmul(a, _splat(builder, pnv, n))
         tga = context.make_array(tg)(context, builder, tgv)
-        dda = context.make_array(dd)(context, builder, ddv)
+        dda = context.make_array(dg)(context, builder, dgv)
         v8 = _vec(_F32, 8)
 
         def load8(ary, off):
@@ -267,6 +268,7 @@ def _nv_err8(typingctx, row, off, pn, tg, cb, dd, e):
         builder.store(a, builder.bitcast(fp(8), _vec(_F32, n).as_pointer()), align=4)
         builder.store(an, builder.bitcast(fp(24), _vec(_F32, n).as_pointer()), align=4)
         builder.store(h, builder.bitcast(fp(40), _vec(_I32, n).as_pointer()), align=4)
+        pn8 = _splat(builder, pnv, 8)
         errs = []
         for j in range(n):
             hj = builder.load(builder.bitcast(fp(40 + j), _I32.as_pointer()))
@@ -274,12 +276,12 @@ def _nv_err8(typingctx, row, off, pn, tg, cb, dd, e):
             tb = builder.add(cbv, r8)
             t1 = load8(tga, builder.add(tb, ir.Constant(_I64, 8)))
             t2 = load8(tga, builder.add(tb, ir.Constant(_I64, 16)))
-            d0 = load8(dda, r8)
-            d1 = load8(dda, builder.add(r8, ir.Constant(_I64, 8)))
-            d2 = load8(dda, builder.add(r8, ir.Constant(_I64, 16)))
+            d0 = load8(dda, tb)
+            d1 = load8(dda, builder.add(tb, ir.Constant(_I64, 8)))
+            d2 = load8(dda, builder.add(tb, ir.Constant(_I64, 16)))
             va = _splat(builder, builder.load(fp(8 + j)), 8)
             d = builder.select(builder.fcmp_ordered(">=", va, t1), d1, d0)
-            d = builder.select(builder.fcmp_ordered(">=", va, t2), d2, d)
+            d = builder.fmul(builder.select(builder.fcmp_ordered(">=", va, t2), d2, d), pn8)
             diff = builder.fsub(_splat(builder, builder.load(fp(24 + j)), 8), d)
             errs.append(builder.fmul(diff, diff))
         k = n
@@ -289,4 +291,124 @@ def _nv_err8(typingctx, row, off, pn, tg, cb, dd, e):
         builder.store(errs[0], builder.bitcast(ea.data, v8.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.void(row, off, types.float32, tg, cb, dd, e), codegen
+    return types.void(row, off, types.float32, tg, cb, dg, e), codegen
+
+
+def _amax_tree(builder, bits, n):
+    """Largest magnitude bits of an n-lane vector of raw element bits (as an i32)."""
+    bw = bits.type.element.width
+    v = builder.and_(bits, _const(bits.type.element, n, (1 << (bw - 1)) - 1))
+    k = n
+    while k > 1:
+        lo, hi = _half(builder, v, k, False), _half(builder, v, k, True)
+        v = builder.select(builder.icmp_unsigned(">", hi, lo), hi, lo)
+        k //= 2
+    m = builder.extract_element(v, ir.Constant(_I32, 0))
+    return builder.zext(m, _I32) if bw < 32 else m
+
+
+def _check_arr(a, dtype):
+    return isinstance(a, types.Array) and a.ndim == 1 and a.dtype == dtype
+
+
+@intrinsic
+def _amax16x16(typingctx, row, off, am):
+    """am[g] = the largest magnitude bits of row[off + 16 g : off + 16 g + 16], g = 0 .. 15
+    (16 NVFP4 groups)."""
+    if not (_check_row(row) and _check_arr(am, types.uint32)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        rowv, offv, amv = args
+        out = ir.Constant(_vec(_I32, 16), ir.Undefined)
+        for g in range(16):
+            bits = _load_bits(context, builder, row, rowv, builder.add(offv, ir.Constant(_I64, 16 * g)), 16)
+            out = builder.insert_element(out, _amax_tree(builder, bits, 16), ir.Constant(_I32, g))
+        ama = context.make_array(am)(context, builder, amv)
+        builder.store(out, builder.bitcast(ama.data, _vec(_I32, 16).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(row, off, am), codegen
+
+
+def _round_bf16_v(builder, x, n):
+    """``kernels_common._round_bf16`` of every lane."""
+    vi = _vec(_I32, n)
+    b = builder.bitcast(x, vi)
+    nan = builder.icmp_unsigned(">", builder.and_(b, _const(_I32, n, 0x7FFFFFFF)), _const(_I32, n, 0x7F800000))
+    odd = builder.and_(builder.lshr(b, _const(_I32, n, 16)), _const(_I32, n, 1))
+    r = builder.and_(builder.add(builder.add(b, _const(_I32, n, 0x7FFF)), odd), _const(_I32, n, 0xFFFF0000))
+    return builder.bitcast(builder.select(nan, b, r), x.type)
+
+
+def _e4m3_v(builder, x, n):
+    """``kernels_common._e4m3`` of every lane (float8_e4m3fn bits as i32: RNE,
+    subnormals, saturation at 448, NaN -> 0x7F with its sign)."""
+    vi = _vec(_I32, n)
+
+    def c(v):
+        return _const(_I32, n, v)
+
+    b = builder.bitcast(x, vi)
+    sgn = builder.and_(builder.lshr(b, c(24)), c(0x80))
+    a = builder.and_(b, c(0x7FFFFFFF))
+    nan = builder.icmp_unsigned(">", a, c(0x7F800000))
+    normal = builder.icmp_unsigned(">=", a, c(0x3C800000))
+    odd = builder.and_(builder.lshr(a, c(20)), c(1))
+    rn = builder.sub(builder.lshr(builder.add(builder.add(a, c(0x7FFFF)), odd), c(20)), c(120 << 3))
+    rn = builder.select(builder.icmp_unsigned(">", rn, c(0x7E)), c(0x7E), rn)
+    # subnormal E4M3 (and float32 subnormals, ea = 0): round(mant / 2**shift), shift = 141 - ea
+    ea = builder.lshr(a, c(23))
+    mant = builder.or_(builder.and_(a, c(0x7FFFFF)), c(0x800000))
+    shift = builder.sub(c(141), ea)  # >= 21 where not normal
+    far = builder.icmp_signed(">", shift, c(25))
+    sh = builder.select(builder.or_(far, normal), c(25), shift)  # keep the shift amount < 32
+    half = builder.shl(c(1), builder.sub(sh, c(1)))
+    sodd = builder.and_(builder.lshr(mant, sh), c(1))
+    rs = builder.lshr(builder.add(builder.add(mant, builder.sub(half, c(1))), sodd), sh)
+    rs = builder.select(far, c(0), rs)
+    code = builder.select(normal, rn, rs)
+    return builder.or_(builder.select(nan, c(0x7F), code), sgn)
+
+
+@intrinsic
+def _nv_codes16(typingctx, row, am, div, gs, e4m3_values, code, sc):
+    """For 16 NVFP4 groups of a bf16 / f32 ``row`` with largest magnitude bits ``am``:
+    code[g] = the E4M3 code of min(gs * dtype(amax / div), 448) (``kernels_nvfp4._nv_code``,
+    before the 0 -> 0x20 replacement), sc[g] = float32(v / gs), v its E4M3 value, or 0.125
+    where that is 0 (the round-to-nearest divisor)."""
+    if not (_check_row(row) and _check_arr(am, types.uint32) and _check_arr(code, types.int32)
+            and _check_arr(sc, types.float32) and _check_arr(e4m3_values, types.float32)):
+        return None
+    bf16 = row.dtype.bitwidth == 16
+
+    def codegen(context, builder, signature, args):
+        rowv, amv, divv, gsv, ev, codev, scv = args
+        n = 16
+        vi, vf = _vec(_I32, n), _vec(_F32, n)
+        ama = context.make_array(am)(context, builder, amv)
+        bits = builder.load(builder.bitcast(ama.data, vi.as_pointer()), align=4)
+        if bf16:
+            bits = builder.shl(bits, _const(_I32, n, 16))
+        amax = builder.bitcast(bits, vf)
+        s = builder.fdiv(amax, _splat(builder, divv, n))
+        if bf16:
+            s = _round_bf16_v(builder, s, n)
+        gss = _splat(builder, gsv, n)
+        t = builder.fmul(gss, s)
+        t = builder.select(builder.fcmp_ordered(">", t, _fconst(n, 448.0)), _fconst(n, 448.0), t)
+        cd = _e4m3_v(builder, t, n)
+        tab = context.make_array(e4m3_values)(context, builder, ev)
+        sv = ir.Constant(vf, ir.Undefined)
+        for g in range(n):
+            gi = ir.Constant(_I32, g)
+            k = builder.zext(builder.extract_element(cd, gi), _I64)
+            sv = builder.insert_element(sv, builder.load(builder.gep(tab.data, [k])), gi)
+        sv = builder.select(builder.fcmp_ordered("==", sv, _fconst(n, 0.0)), _fconst(n, 0.125), sv)
+        ca = context.make_array(code)(context, builder, codev)
+        builder.store(cd, builder.bitcast(ca.data, vi.as_pointer()), align=4)
+        sa = context.make_array(sc)(context, builder, scv)
+        builder.store(builder.fdiv(sv, gss), builder.bitcast(sa.data, vf.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(row, am, types.float32, types.float32, e4m3_values, code, sc), codegen
