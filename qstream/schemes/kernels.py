@@ -4,9 +4,10 @@ The kernels themselves are per format, :mod:`kernels_nvfp4` and :mod:`kernels_mx
 shared bit tricks of :mod:`kernels_common`.
 
 Same semantics, byte for byte, as :mod:`qstream.schemes.reference` (the spec; read its
-docstring for the conventions). One pass per row: decode -> group amax -> scale ->
-FP4 rounding -> codes, then nibble packing; the only scratch is one row of uint8
-codes per thread (no full-size intermediates).
+docstring for the conventions). One pass per row: group amax -> scale -> FP4 rounding
+-> packed codes, written straight into the output row; bf16 and f32 groups go through
+whole-group LLVM vector steps (:mod:`kernels_vec`), fp16 groups through scalar code.
+Scratch is a few group-sized arrays per thread (no full-size intermediates).
 
 * Inputs are 2-D numpy arrays of ``ml_dtypes.bfloat16``, ``np.float16`` or
   ``np.float32``. The kernels see the raw bits, and the integer type of that view

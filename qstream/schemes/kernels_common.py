@@ -223,28 +223,6 @@ def _fp4(q):
 # scratch in a loop LLVM can vectorize, and are packed two per byte in a second loop.
 
 
-@njit(inline="always", nogil=True, cache=True)
-def _abs_mask(kind):
-    if kind == 2:
-        return np.uint32(0x7FFFFFFF)
-    return np.uint32(0x7FFF)
-
-
-@njit(inline="always", nogil=True, cache=True)
-def _group_amax_bits(w, r, base, size, mask):
-    """max of the magnitude bits of one group (monotonic in |x| for non-NaN)."""
-    m = np.uint32(0)
-    for j in range(size):
-        m = max(m, np.uint32(w[r, base + j]) & mask)
-    return m
-
-
-@njit(inline="always", nogil=True, cache=True)
-def _pack_row(codes, packed, r):
-    for j in range(packed.shape[1]):
-        packed[r, j] = codes[2 * j] | (codes[2 * j + 1] << np.uint8(4))
-
-
 # ------------------------------------------------------------- scale search rows
 #
 # The search modes of the reference (``reference.SEARCH_MODES``; the candidates, their

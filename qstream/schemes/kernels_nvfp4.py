@@ -346,67 +346,74 @@ def _nv_err1(xa, pn, sc, e):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _nv_group_search(w, r, g, m, c6, c4, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa, xn, dd, hi, e, e1,
-                     mode, nj):
-    """One group's search, every mode and dtype: its scale code and packed FP4 codes
-    (amax bits m, RTN code c6, 4-over-6 code c4, both before the 0 -> 0x20 replacement)."""
+def _nvfp4_groups_search(w, r, g0, g1, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa, xn, dd, hi, e, e1,
+                         mode, nj):
+    """The search of groups g0 .. g1 - 1 of row r, every mode and dtype, one group at a time."""
     kind = _kind_of(w)
     inf_bits = np.uint32(0x7F80) if kind == 0 else (np.uint32(0x7C00) if kind == 1 else np.uint32(0x7F800000))
-    base = g * 16
-    amax = _decode(m, kind)
-    best_rtn = c6 if e4m3_values[c6] != np.float32(0.0) else np.int64(0x20)
-    c4 = np.int64(0x20) if (c4 & 0x7F) == 0 else c4
-    pn = _err_norm(amax)
-    best = best_rtn
-    fast = tab_ok and m < inf_bits and c6 >= 8
-    for j in range(nj):
-        a = abs(_decode(w[r, base + j], kind))
-        xa[j] = a
-        xn[j] = a * pn
-    if mode == 1 and fast:  # 4over6: two candidates
-        if c4 != c6 and c4 <= 0x7E:
-            be = _nv_block_err1(xa, xn, c6, tg, dg, dd, pn, e)
-            if _nv_block_err1(xa, xn, c4, tg, dg, dd, pn, e) < be:
-                best = c4
-    elif fast and c4 - c6 <= 7:
-        _nv_block_err8(xa, xn, c6, tg, dg, dd, pn, hi, e, nj)
-        be = e[0]
-        for k in range(1, 8):  # candidate order; c6 + 7 only as c4
-            c = c6 + k
-            if mode == 2:
-                lane = c <= 0x7E and (k < 7 or c4 == c)
-            else:
-                lane = c == c4 and c <= 0x7E
-            better = lane and e[k] < be
-            best = c if better else best
-            be = e[k] if better else be
-    else:
-        be = _nv_err1(xa, pn, e4m3_values[best_rtn] / gs, e1)
-        if mode == 2:  # the six E4M3 codes above the RTN one
-            for k in range(1, 7):
+    row = w[r]
+    for g in range(g0, g1):
+        base = g * 16
+        m = _amax_bits16(row, base)
+        amax = _decode(m, kind)
+        c6 = _nv_code(amax, _F32_SIX, gs, kind)
+        c4 = _nv_code(amax, _F32_FOUR, gs, kind)
+        best_rtn = c6 if e4m3_values[c6] != np.float32(0.0) else np.int64(0x20)
+        c4 = np.int64(0x20) if (c4 & 0x7F) == 0 else c4
+        pn = _err_norm(amax)
+        best = best_rtn
+        fast = tab_ok and m < inf_bits and c6 >= 8
+        for j in range(nj):
+            a = abs(_decode(w[r, base + j], kind))
+            xa[j] = a
+            xn[j] = a * pn
+        if mode == 1 and fast:  # 4over6: two candidates
+            if c4 != c6 and c4 <= 0x7E:
+                be = _nv_block_err1(xa, xn, c6, tg, dg, dd, pn, e)
+                if _nv_block_err1(xa, xn, c4, tg, dg, dd, pn, e) < be:
+                    best = c4
+        elif fast and c4 - c6 <= 7:
+            _nv_block_err8(xa, xn, c6, tg, dg, dd, pn, hi, e, nj)
+            be = e[0]
+            for k in range(1, 8):  # candidate order; c6 + 7 only as c4
                 c = c6 + k
-                if c >= 1 and c <= 0x7E:
-                    ek = _nv_err1(xa, pn, e4m3_values[c] / gs, e1)
-                    if ek < be:
-                        best = c
-                        be = ek
-        # four over six, where not tried yet (a repeat cannot win)
-        tried = c4 == best_rtn or (mode == 2 and c6 + 1 <= c4 and c4 <= c6 + 6)
-        if not tried and c4 >= 1 and c4 <= 0x7E:
-            if _nv_err1(xa, pn, e4m3_values[c4] / gs, e1) < be:
-                best = c4
-    scale[r, g] = np.uint8(best)
-    _nv_emit(w, r, base, e4m3_values[best] / gs, kind, packed, codes)
+                if mode == 2:
+                    lane = c <= 0x7E and (k < 7 or c4 == c)
+                else:
+                    lane = c == c4 and c <= 0x7E
+                better = lane and e[k] < be
+                best = c if better else best
+                be = e[k] if better else be
+        else:
+            be = _nv_err1(xa, pn, e4m3_values[best_rtn] / gs, e1)
+            if mode == 2:  # the six E4M3 codes above the RTN one
+                for k in range(1, 7):
+                    c = c6 + k
+                    if c >= 1 and c <= 0x7E:
+                        ek = _nv_err1(xa, pn, e4m3_values[c] / gs, e1)
+                        if ek < be:
+                            best = c
+                            be = ek
+            # four over six, where not tried yet (a repeat cannot win)
+            tried = c4 == best_rtn or (mode == 2 and c6 + 1 <= c4 and c4 <= c6 + 6)
+            if not tried and c4 >= 1 and c4 <= 0x7E:
+                if _nv_err1(xa, pn, e4m3_values[c4] / gs, e1) < be:
+                    best = c4
+        scale[r, g] = np.uint8(best)
+        _nv_emit(w, r, base, e4m3_values[best] / gs, kind, packed, codes)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _nvfp4_row_search(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa, xn, dd, hi, e, e1, mode, nj,
-                      am, c6s, c4s, scs):
+def _nvfp4_row_mse(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa, xn, dd, hi, e, e1, mode, nj,
+                   am, c6s, c4s, scs):
+    """"mse" over a bf16 / f32 row: 16 groups' codes at a time, each group's 8 candidate
+    errors in registers; other groups (not in the tables' case, or past the last 16) go
+    through _nvfp4_groups_search."""
     kind = _kind_of(w)
     row = w[r]
     ng = w.shape[1] // 16
     g0 = 0
-    if kind != 1 and mode == 2:  # bf16 / f32 "mse": 16 groups' codes at a time, their errors in registers
+    if kind != 1:
         inf_bits = np.uint32(0x7F80) if kind == 0 else np.uint32(0x7F800000)
         prow = packed[r]
         while g0 + 16 <= ng:
@@ -420,8 +427,8 @@ def _nvfp4_row_search(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, code
                 c4 = np.int64(c4s[i])
                 c4 = np.int64(0x20) if (c4 & 0x7F) == 0 else c4
                 if not (tab_ok and m < inf_bits and c6 >= 8 and c4 - c6 <= 7):
-                    _nv_group_search(w, r, g, m, c6, np.int64(c4s[i]), gs, e4m3_values, tg, dg, tab_ok, packed,
-                                     scale, codes, xa, xn, dd, hi, e, e1, mode, nj)
+                    _nvfp4_groups_search(w, r, g, g + 1, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa, xn,
+                                         dd, hi, e, e1, mode, nj)
                     continue
                 pn = _err_norm(_decode(m, kind))
                 _nv_err8(row, g * 16, pn, tg, c6 * 80, dg, e)
@@ -435,11 +442,9 @@ def _nvfp4_row_search(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, code
                 scale[r, g] = np.uint8(best)
                 _emit_div16(row, g * 16, e4m3_values[best] / gs, prow, g * 8)
             g0 += 16
-    for g in range(g0, ng):
-        m = _amax_bits16(row, g * 16)
-        amax = _decode(m, kind)
-        _nv_group_search(w, r, g, m, _nv_code(amax, _F32_SIX, gs, kind), _nv_code(amax, _F32_FOUR, gs, kind), gs,
-                         e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa, xn, dd, hi, e, e1, mode, nj)
+    if g0 < ng:
+        _nvfp4_groups_search(w, r, g0, ng, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa, xn, dd, hi, e, e1,
+                             mode, nj)
 
 
 # ------------------------------------------------------------ whole-matrix kernels
@@ -482,8 +487,12 @@ def _nvfp4_search_rows(w, gs, e4m3_values, tg, dg, tab_ok, packed, scale, r0, r1
     e1 = np.empty(16, dtype=np.float32)
     am, c6s, c4s, scs = _scratch16()
     for r in range(r0, r1):
-        _nvfp4_row_search(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa, xn, dd, hi, e, e1, mode, nj,
-                          am, c6s, c4s, scs)
+        if _kind_of(w) != 1 and mode == 2:
+            _nvfp4_row_mse(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa, xn, dd, hi, e, e1, mode, nj,
+                           am, c6s, c4s, scs)
+        else:
+            _nvfp4_groups_search(w, r, 0, w.shape[1] // 16, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, xa,
+                                 xn, dd, hi, e, e1, mode, nj)
 
 
 @njit(nogil=True, cache=True)

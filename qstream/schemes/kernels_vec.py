@@ -6,16 +6,24 @@ kind is the array's integer type, as in :mod:`kernels_common`) and keeps the blo
 registers: AVX2 / AVX-512 on x86, NEON on ARM. IEEE semantics, no fast-math: every float
 operation is the scalar code's, in the same order, so the results are the same bits.
 
-* :func:`_amax_bits16` / :func:`_amax_bits32`: a group's largest magnitude bits (the
-  scalar ``_group_amax_bits``);
+Editing this module: numba's on-disk cache (``cache=True``) keys each kernel on its own
+file's modification time only, so a kernel of ``kernels_nvfp4`` / ``kernels_mxfp4`` keeps
+its old compiled copy of a step changed here. Delete ``qstream/schemes/__pycache__/*.nb[ic]``
+before testing a change (an install or upgrade rewrites every file, so users never see it).
+
+* :func:`_amax_bits16` / :func:`_amax_bits32`: a group's largest magnitude bits (for
+  fp16 rows too: the magnitude bits order fp16 values as well), and
+  :func:`_amax16x16`: those of 16 NVFP4 groups at once;
 * :func:`_emit_mul32`: the FP4 codes of ``x * s`` for the 32 values of an MXFP4 group,
-  packed two per byte into the output row (``_fp4`` + ``_pack_row``), with no dtype
+  packed two per byte into the output row (``_fp4``, even index in the low nibble), with no dtype
   rounding of the product (the caller's job: exact for f32, and for bf16 when ``s >= 1``);
 * :func:`_emit_div16`: the same for ``x / sc`` over an NVFP4 group (float32 division, as
   compressed-tensors and the scalar kernel do);
 * :func:`_mx_err2`: the squared errors of an MXFP4 group under two power-of-two scales
   (the "mse" search's candidates that can win), summed pairwise over halves like the
   reference;
+* :func:`_nv_codes16`: 16 NVFP4 groups' E4M3 scale codes (``_e4m3`` of the clamped
+  ``gs * dtype(amax / div)``) and round-to-nearest divisors;
 * :func:`_nv_err8`: the errors of an NVFP4 group under the "mse" search's 8 candidate
   scale codes, from the per-global-scale threshold / decode tables of ``kernels_nvfp4``.
 """
