@@ -114,6 +114,39 @@ def test_card_measured_error_is_verify_per_role_error(local_src, tmp_path):
         assert float(row.group(3)) == pytest.approx(agg["snr_db"], abs=6e-3)
 
 
+@pytest.mark.parametrize("dt", [ml_dtypes.bfloat16, np.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+def test_card_measure_is_the_decoded_error(scheme, dt):
+    """The card's per-block sums (sum x^2, sum (x - decoded)^2; measure.fp4_error, vector
+    steps) equal float64 sums over the compressed-tensors decode of the same bytes
+    (schemes.decode, bit for bit CT's), to summation-order rounding: every FP4 code, zero
+    and negative values, subnormal NVFP4 scales."""
+    from qstream.schemes import decode, kernels as K, measure
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((48, 512)).astype(np.float32) * np.float32(0.02)
+    x *= np.exp2(rng.integers(-12, 3, size=(48, 32, 1))).repeat(16, -1).reshape(48, 512)
+    x[0, :40] = 0.0
+    x[1, ::3] = -0.0
+    x = x.astype(dt)
+    if scheme == "nvfp4":
+        gs = np.float32(448 * 6 / float(np.abs(x.astype(np.float32)).max()))
+        packed, scale = K.quantize_nvfp4(x, gs, "mse")
+        dec = decode.decode_nvfp4(packed, scale, gs)
+        got = measure.fp4_error(x, packed, scale, gs)
+    else:
+        packed, scale = K.quantize_mxfp4(x, "mse")
+        dec = decode.decode_mxfp4(packed, scale)
+        got = measure.fp4_error(x, packed, scale, None, decode._E8M0_BF16)
+    codes = np.stack([packed & 15, packed >> 4], -1)
+    assert len(np.unique(codes)) == 16  # every FP4 code is decoded
+    if scheme == "nvfp4":
+        assert np.any(scale.view(np.uint8) < 8)  # subnormal E4M3 block scales
+    xf = x.astype(np.float32).astype(np.float64)
+    want = (float(np.sum(xf * xf)), float(np.sum((x.astype(np.float32) - dec).astype(np.float64) ** 2)))
+    assert got[0] == pytest.approx(want[0], rel=1e-12) and got[1] == pytest.approx(want[1], rel=1e-12)
+
+
 def test_card_with_fp8_attention_does_not_claim_it_kept(local_src, tmp_path):
     dst = tmp_path / "out"
     run_qstream("convert", local_src, dst, "--mlp", "nvfp4", "--attn", "fp8", "-q", check=True)

@@ -24,6 +24,8 @@ before testing a change (an install or upgrade rewrites every file, so users nev
   reference;
 * :func:`_nv_codes16`: 16 NVFP4 groups' E4M3 scale codes (``_e4m3`` of the clamped
   ``gs * dtype(amax / div)``) and round-to-nearest divisors;
+* :func:`_err_sums16` / :func:`_err_sums32`: the card's error measure of one written group
+  (:mod:`qstream.schemes.measure`);
 * :func:`_nv_err8`: the errors of an NVFP4 group under the "mse" search's 8 candidate
   scale codes, from the per-global-scale threshold / decode tables of ``kernels_nvfp4``.
 """
@@ -420,3 +422,60 @@ def _nv_codes16(typingctx, row, am, div, gs, e4m3_values, code, sc):
         return context.get_dummy_value()
 
     return types.void(row, am, types.float32, types.float32, e4m3_values, code, sc), codegen
+
+
+def _make_err_sums(n):
+    @intrinsic
+    def err_sums(typingctx, src, off, packed, poff, m, acc):
+        """The card's measure of one FP4 group of n values: acc[0:16] += x**2 and
+        acc[16:32] += (x - bf16(fp4 * m))**2 lane by lane, in float64 (x: the source
+        row[off : off + n], bf16 or f32 bits; the codes: packed[poff : poff + n/2], even
+        index in the low nibble; m: the group's float32 multiplier, as compressed-tensors
+        decodes). Sums of n > 16 lanes fold their halves first."""
+        if not (_check_row(src) and _check_arr(packed, types.uint8) and _check_arr(acc, types.float64)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            srcv, offv, pv, poffv, mv, accv = args
+            i8, f64 = ir.IntType(8), ir.DoubleType()
+            vi = _vec(_I32, n)
+
+            def c(v):
+                return _const(_I32, n, v)
+
+            x = _as_f32(builder, _load_bits(context, builder, src, srcv, offv, n), n, False)
+            pa = context.make_array(packed)(context, builder, pv)
+            b = builder.load(builder.bitcast(builder.gep(pa.data, [poffv]), _vec(i8, n // 2).as_pointer()), align=1)
+            lo = builder.and_(b, _const(i8, n // 2, 15))
+            hi = builder.lshr(b, _const(i8, n // 2, 4))
+            inter = [k // 2 + (n // 2) * (k % 2) for k in range(n)]
+            code = builder.zext(builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, n), inter)), vi)
+            c3 = builder.and_(code, c(7))
+            e = builder.lshr(c3, c(1))
+            mm = builder.and_(c3, c(1))
+            normal = builder.or_(builder.shl(builder.add(e, c(126)), c(23)), builder.shl(mm, c(22)))
+            half = builder.mul(mm, c(0x3F000000))  # 0.5 or 0
+            mag = builder.select(builder.icmp_unsigned("==", e, c(0)), half, normal)
+            v = builder.bitcast(builder.or_(mag, builder.shl(builder.and_(code, c(8)), c(28))), _vec(_F32, n))
+            dec = _round_bf16_v(builder, builder.fmul(v, _splat(builder, mv, n)), n)
+            xd = builder.fpext(x, _vec(f64, n))
+            dd = builder.fpext(builder.fsub(x, dec), _vec(f64, n))
+            sx, sd = builder.fmul(xd, xd), builder.fmul(dd, dd)
+            k = n
+            while k > 16:
+                sx = builder.fadd(_half(builder, sx, k, False), _half(builder, sx, k, True))
+                sd = builder.fadd(_half(builder, sd, k, False), _half(builder, sd, k, True))
+                k //= 2
+            aa = context.make_array(acc)(context, builder, accv)
+            for base, s in ((0, sx), (16, sd)):
+                ptr = builder.bitcast(builder.gep(aa.data, [ir.Constant(_I64, base)]), _vec(f64, 16).as_pointer())
+                builder.store(builder.fadd(builder.load(ptr, align=8), s), ptr, align=8)
+            return context.get_dummy_value()
+
+        return types.void(src, off, packed, poff, types.float32, acc), codegen
+
+    return err_sums
+
+
+_err_sums16 = _make_err_sums(16)
+_err_sums32 = _make_err_sums(32)
