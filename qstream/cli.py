@@ -6,6 +6,8 @@ the tables and progress on a terminal, plain lines are printed otherwise.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shlex
 import sys
@@ -70,7 +72,8 @@ def plan_options(f):
                      help="GPTQ every FP4 Linear, calibrated on this UTF-8 text (or .jsonl with a 'text' field) "
                           "tokenized with the source's tokenizer, one decoder layer at a time (CUDA when present); "
                           "each group's scale by --scale-search on the error-updated weights (mse: the candidate with the least GPTQ loss). With --activations "
-                          "nvfp4 it also gives the static input scales. Needs a local SRC and the calibrate extra.")(f)
+                          "nvfp4 it also gives the static input scales. Needs the calibrate extra; a Hub SRC is "
+                          "downloaded whole before the calibration pass (not with --low-disk).")(f)
     f = click.option("--allow-unloadable", is_flag=True,
                      help="Write an output that vLLM and transformers are known not to load (gpt-oss experts "
                           "quantized one by one in compressed-tensors) instead of refusing it.")(f)
@@ -302,10 +305,17 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
                                "the eval could run); run `qstream eval` and push afterwards.")
     console = _console(quiet)
     download_dir = (Path(dst) / STAGING_DIR / DOWNLOADS).absolute() if low_disk else None
-    calib = _calibration_tokens(src, calibrate, calib_samples, calib_seqlen)  # None without --calibrate
+    hub_calib = calibrate is not None and not Path(src).is_dir()  # a Hub SRC: downloaded whole for the pass
+    if hub_calib and low_disk:
+        raise click.UsageError("--calibrate reads every decoder layer of the source before the conversion starts, "
+                               "so a Hub SRC is downloaded whole first: drop --low-disk, or convert a local copy.")
+    calib = None if hub_calib else _calibration_tokens(src, calibrate, calib_samples, calib_seqlen)
     plan = _make_plan(src, mlp, ignore, recipe, max_shard_size, attn, fmt, revision=revision, download_dir=download_dir,
                       scale_search=scale_search, activations=activations, calibrate=calibrate,
                       calibration=calib[1] if calib else None, allow_unloadable=allow_unloadable)
+    if hub_calib:  # the tokenizer is among the side files the plan already fetched
+        calib = _calibration_tokens(str(plan.source.root), calibrate, calib_samples, calib_seqlen)
+        plan.options = dataclasses.replace(plan.options, calibration=calib[1])
     if calib and not calib[0].calibrated_ops(plan):
         raise click.UsageError("--calibrate: the plan quantizes no Linear to FP4 (e.g. --mlp none); nothing to calibrate.")
     plan.base_model = base_model
@@ -332,6 +342,10 @@ def convert(src, dst, mlp, attn, ignore, recipe, max_shard_size, scale_search, f
         pusher.connect()
         pusher.validate_card(model_card(plan))  # the Hub's metadata check, before the first shard is sent
     lock = prepare_dst(plan.source.root, dstp, overwrite=overwrite, resume=resume, need_bytes=need)  # noqa: F841 (held)
+    if hub_calib:
+        from .sources.hub_source import download_shards
+
+        download_shards(plan.source, None if quiet else console.print)
     if pusher is not None:
         pusher.start()
     meter = DiskMeter([dstp]).start() if low_disk else None
@@ -411,7 +425,8 @@ def _calibration_tokens(src: str, path: str | None, samples: int | None, seqlen:
             raise click.UsageError("--calib-samples and --calib-seqlen need --calibrate FILE.")
         return None
     if not Path(src).is_dir():
-        raise click.UsageError("--calibrate needs a local SRC folder (its tokenizer and layers are read from it).")
+        raise click.UsageError(f"--calibrate: {src} is not a checkpoint folder (its tokenizer and layers are read "
+                               "from it).")
     try:
         from . import calibrate
     except ImportError as e:

@@ -229,6 +229,31 @@ def test_smollm2_cli(smollm2_checkpoint, smollm2_gptq, tmp_path):
     assert len(json.loads((staging / "input_absmax.json").read_text())) == 90
 
 
+def test_smollm2_cli_from_the_hub(smollm2_checkpoint, smollm2_gptq, tmp_path):
+    """--calibrate with a Hub SRC (the local Hub-compatible server, real huggingface_hub
+    client): the shards are downloaded whole before the pass, the tokenizer comes with the
+    side files, and the output's weights are the local conversion's, byte for byte."""
+    from hub_server import TOKEN, HubServer
+
+    with HubServer(tmp_path / "hubroot") as hub:
+        hub.state.seed("org/smol", smollm2_checkpoint)
+        home = tmp_path / "home"
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+               "HF_TOKEN_PATH": str(home / "token"), "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+        p = run_qstream("convert", "org/smol", tmp_path / "x", "--mlp", "nvfp4", "--calibrate", PRIDE, "--low-disk",
+                        env=env)
+        assert p.returncode == 2 and "--low-disk" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        dst = tmp_path / "out"
+        p = run_qstream("convert", "org/smol", dst, "--mlp", "nvfp4", "--calibrate", PRIDE, "--calib-samples", "2",
+                        "--calib-seqlen", "256", env=env, check=True, timeout=1200)
+    assert "before the calibration pass" in p.stdout
+    local = {f.name: f.read_bytes() for f in smollm2_gptq.glob("*.safetensors")}
+    assert local and {f.name: f.read_bytes() for f in dst.glob("*.safetensors")} == local
+    assert json.loads((dst / "config.json").read_text()) == json.loads((smollm2_gptq / "config.json").read_text())
+    assert "base_model: org/smol" in (dst / "README.md").read_text()
+
+
 def test_cli_errors(smollm2_checkpoint, tiny_ckpt, tmp_path):
     p = run_qstream("convert", smollm2_checkpoint, tmp_path / "a", "--mlp", "nvfp4", "--calibrate", tmp_path / "no.txt")
     assert p.returncode != 0 and "no.txt" in p.stderr and "Traceback" not in p.stderr

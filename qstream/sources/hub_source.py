@@ -9,7 +9,8 @@ any tensor byte is fetched. Each shard's ``TensorInfo.path`` is where the shard
 two at a time and back to back, so that the link never idles (a shard the executor opens
 before its turn is fetched then); with ``--low-disk`` it keeps at most two unreleased
 shards on disk and deletes each as soon as the executor releases it. With
-``HF_HUB_OFFLINE=1`` a cached snapshot is opened like a folder.
+``HF_HUB_OFFLINE=1`` a cached snapshot is opened like a folder. :func:`download_shards`
+fetches every shard up front, for ``--calibrate`` (its pass reads all layers first).
 """
 
 from __future__ import annotations
@@ -307,6 +308,31 @@ def _open_cached_snapshot(repo_id: str, revision: str | None, download_dir: Path
     return HubCheckpoint(ck.root, ck.config, ck.shards, ck.tensors, ck.side_files, ck.skipped_files, ck.source_card,
                          repo_id=repo_id, revision=revision, commit=folder.name,
                          sizes={s.path: s.path.stat().st_size for s in ck.shards}, remote={}, download_dir=download_dir)
+
+
+def download_shards(ckpt: HubCheckpoint, log: Callable[[str], None] | None = None) -> None:
+    """Download every shard of ``ckpt`` still remote into the HF cache now, ``DOWNLOADS_IN_FLIGHT``
+    at a time, each checked against the size the repo lists, then mark them local (what
+    ``--calibrate`` needs: its pass reads every decoder layer before the conversion starts)."""
+    todo = [p for p in ckpt.remote]
+    if not todo:
+        return
+    if log is not None:
+        total = sum(ckpt.sizes.get(p, 0) for p in todo)
+        log(f"downloading {len(todo)} source shards ({total / 1e9:.2f} GB) of {ckpt.label} before the calibration pass")
+
+    def one(path: Path) -> None:
+        got = _download(ckpt.repo_id, ckpt.remote[path], ckpt.commit, None)
+        if os.path.abspath(got) != os.path.abspath(path):
+            raise QStreamError(f"{ckpt.repo_id}/{ckpt.remote[path]}: downloaded to {got}, expected {path}; "
+                               "HF_HOME/HF_HUB_CACHE changed while converting, rerun.")
+        if got.stat().st_size != ckpt.sizes[path]:
+            raise QStreamError(f"{ckpt.repo_id}/{ckpt.remote[path]}: downloaded {got.stat().st_size} bytes, the "
+                               f"repo lists {ckpt.sizes[path]}; rerun to download it again.")
+
+    with ThreadPoolExecutor(DOWNLOADS_IN_FLIGHT) as pool:
+        list(pool.map(one, todo))
+    ckpt.remote.clear()  # all in the cache: nothing left for a SourceFetcher
 
 
 class SourceFetcher:
