@@ -839,3 +839,13 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def hub_env(hub: "HubServer", home: Path, mode: str = "lfs", token: bool = True, **extra: str) -> dict:
+    """The environment of a Hub client (qstream, huggingface_hub) talking to ``hub``: everything
+    the client reads from the environment, so an outer HF setup cannot leak in."""
+    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+           "HF_TOKEN_PATH": str(home / "token"), "HF_TOKEN": TOKEN if token else "",
+           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1" if mode == "lfs" else "0"}
+    env.update(extra)
+    return env

@@ -233,14 +233,11 @@ def test_smollm2_cli_from_the_hub(smollm2_checkpoint, smollm2_gptq, tmp_path):
     """--calibrate with a Hub SRC (the local Hub-compatible server, real huggingface_hub
     client): the shards are downloaded whole before the pass, the tokenizer comes with the
     side files, and the output's weights are the local conversion's, byte for byte."""
-    from hub_server import TOKEN, HubServer
+    from hub_server import HubServer, hub_env
 
     with HubServer(tmp_path / "hubroot") as hub:
         hub.state.seed("org/smol", smollm2_checkpoint)
-        home = tmp_path / "home"
-        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-               "HF_TOKEN_PATH": str(home / "token"), "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+        env = hub_env(hub, tmp_path / "home")
         p = run_qstream("convert", "org/smol", tmp_path / "x", "--mlp", "nvfp4", "--calibrate", PRIDE, "--low-disk",
                         env=env)
         assert p.returncode == 2 and "--low-disk" in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_qstream
-from hub_server import TOKEN, HubServer
+from hub_server import TOKEN, HubServer, hub_env
 from synth import llama_config, llama_tensors, write_checkpoint
 
 # The client behaviour these tests (and qstream.publish.hub, qstream.sources.hub_source) rely on; pinned in pyproject's test extras.
@@ -92,15 +92,6 @@ def reference(src_ckpt, tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("ref") / "out"
     run_qstream("convert", src_ckpt, dst, *OPTS, "-q", check=True)
     return dst
-
-
-def hub_env(hub: HubServer, home: Path, mode: str = "lfs", token: bool = True, **extra: str) -> dict:
-    # Everything the client reads from the environment, so an outer HF setup cannot leak in.
-    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-           "HF_TOKEN_PATH": str(home / "token"), "HF_TOKEN": TOKEN if token else "",
-           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1" if mode == "lfs" else "0"}
-    env.update(extra)
-    return env
 
 
 def assert_matches_reference(files: dict[str, tuple[int, str]], reference: Path) -> None:

@@ -313,6 +313,25 @@ def _nv_block_err8(xa, xn, c6, tg, dg, dd, pn, hi, e, nj):
             _v8_add(e, j * 8, (j + h) * 8)
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _nv_pick8(e, c6, c4, mode):
+    """The code chosen from the 8 lanes' errors e[0:8] (codes c6 + k), scanned in the
+    reference's candidate order with its strict "<": "mse" lanes 1 .. 6 and c4, "4over6"
+    c4 only; lanes past 0x7E never."""
+    best = c6
+    be = e[0]
+    for k in range(1, 8):
+        c = c6 + k
+        if mode == 2:
+            lane = c <= 0x7E and (k < 7 or c4 == c)
+        else:
+            lane = c == c4 and c <= 0x7E
+        better = lane and e[k] < be
+        best = c if better else best
+        be = e[k] if better else be
+    return best
+
+
 @njit(inline="always", nogil=True, cache=True, error_model="numpy")
 def _tree_sum16(e):
     """Sum of e[0:16] by pairwise halving (8, 4, 2, 1): the reference's summation order."""
@@ -374,16 +393,7 @@ def _nvfp4_groups_search(w, r, g0, g1, gs, e4m3_values, tg, dg, tab_ok, packed, 
                     best = c4
         elif fast and c4 - c6 <= 7:
             _nv_block_err8(xa, xn, c6, tg, dg, dd, pn, hi, e, nj)
-            be = e[0]
-            for k in range(1, 8):  # candidate order; c6 + 7 only as c4
-                c = c6 + k
-                if mode == 2:
-                    lane = c <= 0x7E and (k < 7 or c4 == c)
-                else:
-                    lane = c == c4 and c <= 0x7E
-                better = lane and e[k] < be
-                best = c if better else best
-                be = e[k] if better else be
+            best = _nv_pick8(e, c6, c4, mode)
         else:
             be = _nv_err1(xa, pn, e4m3_values[best_rtn] / gs, e1)
             if mode == 2:  # the six E4M3 codes above the RTN one
@@ -432,13 +442,7 @@ def _nvfp4_row_mse(w, r, gs, e4m3_values, tg, dg, tab_ok, packed, scale, codes, 
                     continue
                 pn = _err_norm(_decode(m, kind))
                 _nv_err8(row, g * 16, pn, tg, c6 * 80, dg, e)
-                best = c6
-                be = e[0]
-                for k in range(1, 8):  # candidate order; c6 + 7 only as c4
-                    c = c6 + k
-                    better = c <= 0x7E and (k < 7 or c4 == c) and e[k] < be
-                    best = c if better else best
-                    be = e[k] if better else be
+                best = _nv_pick8(e, c6, c4, 2)  # this function runs "mse" only
                 scale[r, g] = np.uint8(best)
                 _emit_div16(row, g * 16, e4m3_values[best] / gs, prow, g * 8)
             g0 += 16

@@ -90,6 +90,23 @@ def _check_row(row):
     return isinstance(row, types.Array) and row.ndim == 1 and row.dtype in (types.uint16, types.int16, types.uint32)
 
 
+def _amax_tree(builder, bits, n):
+    """Largest magnitude bits of an n-lane vector of raw element bits (as an i32)."""
+    bw = bits.type.element.width
+    v = builder.and_(bits, _const(bits.type.element, n, (1 << (bw - 1)) - 1))
+    k = n
+    while k > 1:
+        lo, hi = _half(builder, v, k, False), _half(builder, v, k, True)
+        v = builder.select(builder.icmp_unsigned(">", hi, lo), hi, lo)
+        k //= 2
+    m = builder.extract_element(v, ir.Constant(_I32, 0))
+    return builder.zext(m, _I32) if bw < 32 else m
+
+
+def _check_arr(a, dtype):
+    return isinstance(a, types.Array) and a.ndim == 1 and a.dtype == dtype
+
+
 def _make_amax(n):
     @intrinsic
     def amax(typingctx, row, off):
@@ -98,16 +115,7 @@ def _make_amax(n):
 
         def codegen(context, builder, signature, args):
             rowv, offv = args
-            bits = _load_bits(context, builder, row, rowv, offv, n)
-            bw = bits.type.element.width
-            v = builder.and_(bits, _const(bits.type.element, n, (1 << (bw - 1)) - 1))
-            k = n
-            while k > 1:
-                lo, hi = _half(builder, v, k, False), _half(builder, v, k, True)
-                v = builder.select(builder.icmp_unsigned(">", hi, lo), hi, lo)
-                k //= 2
-            m = builder.extract_element(v, ir.Constant(_I32, 0))
-            return builder.zext(m, _I32) if bw < 32 else m
+            return _amax_tree(builder, _load_bits(context, builder, row, rowv, offv, n), n)
 
         return types.uint32(row, off), codegen
 
@@ -147,15 +155,11 @@ def _store_packed(context, builder, outty, outval, poff, codes, n):
     builder.store(byte, ptr, align=1)
 
 
-def _check_out(out):
-    return isinstance(out, types.Array) and out.ndim == 1 and out.dtype == types.uint8
-
-
 @intrinsic
 def _emit_mul32(typingctx, row, off, s, out, poff):
     """out[poff : poff + 16] = the packed FP4 codes of row[off : off + 32] * s (float32
     products, not rounded to the dtype)."""
-    if not (_check_row(row) and _check_out(out)):
+    if not (_check_row(row) and _check_arr(out, types.uint8)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -171,7 +175,7 @@ def _emit_mul32(typingctx, row, off, s, out, poff):
 @intrinsic
 def _emit_div16(typingctx, row, off, sc, out, poff):
     """out[poff : poff + 8] = the packed FP4 codes of row[off : off + 16] / sc."""
-    if not (_check_row(row) and _check_out(out)):
+    if not (_check_row(row) and _check_arr(out, types.uint8)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -249,8 +253,7 @@ def _nv_err8(typingctx, row, off, pn, tg, cb, dg, e):
     in registers: the scalar path's float operations in the same order. ``e`` (>= 56
     floats) is also the scratch that hands |x|, |x| * pn and h to the per-value steps
     (scalar loads, cheaper than lane extracts)."""
-    if not (_check_row(row) and isinstance(tg, types.Array) and isinstance(dg, types.Array)
-            and isinstance(e, types.Array)):
+    if not (_check_row(row) and all(_check_arr(a, types.float32) for a in (tg, dg, e))):
         return None
 
     def codegen(context, builder, signature, args):
@@ -302,23 +305,6 @@ def _nv_err8(typingctx, row, off, pn, tg, cb, dg, e):
         return context.get_dummy_value()
 
     return types.void(row, off, types.float32, tg, cb, dg, e), codegen
-
-
-def _amax_tree(builder, bits, n):
-    """Largest magnitude bits of an n-lane vector of raw element bits (as an i32)."""
-    bw = bits.type.element.width
-    v = builder.and_(bits, _const(bits.type.element, n, (1 << (bw - 1)) - 1))
-    k = n
-    while k > 1:
-        lo, hi = _half(builder, v, k, False), _half(builder, v, k, True)
-        v = builder.select(builder.icmp_unsigned(">", hi, lo), hi, lo)
-        k //= 2
-    m = builder.extract_element(v, ir.Constant(_I32, 0))
-    return builder.zext(m, _I32) if bw < 32 else m
-
-
-def _check_arr(a, dtype):
-    return isinstance(a, types.Array) and a.ndim == 1 and a.dtype == dtype
 
 
 @intrinsic

@@ -30,8 +30,9 @@ _BF16 = np.dtype(ml_dtypes.bfloat16)
 
 @njit(nogil=True, cache=True)
 def _fp4_error(src, shift, packed, mult, group, lut):  # pragma: no cover - compiled
-    """``src``: the source rows as raw bits (bfloat16 as uint16 with ``shift`` 16, float32 as
-    uint32 with ``shift`` 0)."""
+    """The scalar form of :func:`_fp4_error_vec`, what runs when numba is not installed (as plain
+    Python). ``src``: the source rows as raw bits (bfloat16 as uint16 with ``shift`` 16, float32
+    as uint32 with ``shift`` 0)."""
     rows, half = packed.shape
     cols = half * 2
     dec = np.empty(cols, np.float32)

@@ -310,6 +310,21 @@ def _open_cached_snapshot(repo_id: str, revision: str | None, download_dir: Path
                          sizes={s.path: s.path.stat().st_size for s in ck.shards}, remote={}, download_dir=download_dir)
 
 
+def _fetch_shard(ckpt: HubCheckpoint, path: Path) -> None:
+    """Download one remote shard of ``ckpt`` to ``path`` (the HF cache, or --low-disk's
+    folder) and check it is where and as large as the plan expects."""
+    name = ckpt.remote[path]
+    d = ckpt.download_dir
+    local_dir = d if d is not None and path.is_relative_to(d) else None
+    got = _download(ckpt.repo_id, name, ckpt.commit, local_dir)
+    if os.path.abspath(got) != os.path.abspath(path):
+        raise QStreamError(f"{ckpt.repo_id}/{name}: downloaded to {got}, expected {path}; "
+                           "HF_HOME/HF_HUB_CACHE changed while converting, rerun.")
+    if got.stat().st_size != ckpt.sizes[path]:
+        raise QStreamError(f"{ckpt.repo_id}/{name}: downloaded {got.stat().st_size} bytes, the repo "
+                           f"lists {ckpt.sizes[path]}; rerun to download it again.")
+
+
 def download_shards(ckpt: HubCheckpoint, log: Callable[[str], None] | None = None) -> None:
     """Download every shard of ``ckpt`` still remote into the HF cache now, ``DOWNLOADS_IN_FLIGHT``
     at a time, each checked against the size the repo lists, then mark them local (what
@@ -321,17 +336,8 @@ def download_shards(ckpt: HubCheckpoint, log: Callable[[str], None] | None = Non
         total = sum(ckpt.sizes.get(p, 0) for p in todo)
         log(f"downloading {len(todo)} source shards ({total / 1e9:.2f} GB) of {ckpt.label} before the calibration pass")
 
-    def one(path: Path) -> None:
-        got = _download(ckpt.repo_id, ckpt.remote[path], ckpt.commit, None)
-        if os.path.abspath(got) != os.path.abspath(path):
-            raise QStreamError(f"{ckpt.repo_id}/{ckpt.remote[path]}: downloaded to {got}, expected {path}; "
-                               "HF_HOME/HF_HUB_CACHE changed while converting, rerun.")
-        if got.stat().st_size != ckpt.sizes[path]:
-            raise QStreamError(f"{ckpt.repo_id}/{ckpt.remote[path]}: downloaded {got.stat().st_size} bytes, the "
-                               f"repo lists {ckpt.sizes[path]}; rerun to download it again.")
-
     with ThreadPoolExecutor(DOWNLOADS_IN_FLIGHT) as pool:
-        list(pool.map(one, todo))
+        list(pool.map(lambda p: _fetch_shard(ckpt, p), todo))
     ckpt.remote.clear()  # all in the cache: nothing left for a SourceFetcher
 
 
@@ -358,16 +364,7 @@ class SourceFetcher:
 
     def _download(self, path: Path, fut: Future) -> None:
         try:
-            name = self.ckpt.remote[path]
-            d = self.ckpt.download_dir
-            local_dir = d if d is not None and path.is_relative_to(d) else None
-            got = _download(self.ckpt.repo_id, name, self.ckpt.commit, local_dir)
-            if os.path.abspath(got) != os.path.abspath(path):
-                raise QStreamError(f"{self.ckpt.repo_id}/{name}: downloaded to {got}, expected {path}; "
-                                   "HF_HOME/HF_HUB_CACHE changed while converting, rerun.")
-            if got.stat().st_size != self.ckpt.sizes[path]:
-                raise QStreamError(f"{self.ckpt.repo_id}/{name}: downloaded {got.stat().st_size} bytes, the repo "
-                                   f"lists {self.ckpt.sizes[path]}; rerun to download it again.")
+            _fetch_shard(self.ckpt, path)
             self.on_disk_change()
             fut.set_result(path)
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
