@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,8 +34,31 @@ HERE = Path(__file__).resolve().parent
 TIME = "/usr/bin/time"  # GNU time: the peak RSS of the command itself (see run_timed)
 
 
-def run_timed(cmd: list[str], env: dict | None = None, stderr=None) -> tuple[float, int, float]:
+def _peak_anon(pid: int, stop: threading.Event, out: list) -> None:
+    """Poll (every 20 ms) the anonymous resident memory of /usr/bin/time's child, the command:
+    its own heap and arrays, without the file-backed pages of its libraries (how many of
+    those are resident depends on the page cache: the same libtorch_cpu.so maps 70 MB
+    or 151 MB by how its file was cached). ``out`` gets the peak in bytes."""
+    peak, child = 0, None
+    while not stop.is_set():
+        try:
+            if child is None:
+                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                child = int(kids[0]) if kids else None
+            if child is not None:
+                for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                    if line.startswith("RssAnon:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+        except (OSError, ValueError):
+            pass
+        stop.wait(0.02)
+    out.append(peak)
+
+
+def run_timed(cmd: list[str], env: dict | None = None, stderr=None,
+              anon: list | None = None) -> tuple[float, int, float]:
     """Wall seconds, peak RSS (bytes) and CPU seconds (user + system) of a child process.
+    ``anon`` (a list) gets the command's sampled peak anonymous RSS appended (:func:`_peak_anon`).
 
     The peak RSS is GNU time's %M for the command, not wait4's ru_maxrss: a child made by
     fork + exec carries its parent's high-water mark into ru_maxrss (the kernel records the
@@ -51,8 +75,15 @@ def run_timed(cmd: list[str], env: dict | None = None, stderr=None) -> tuple[flo
     # child exits, and a chatty child (llm-compressor's progress bars) would block on it
     err_file = tempfile.TemporaryFile() if stderr is not None else None
     p = subprocess.Popen(wrapped, stdout=subprocess.DEVNULL, stderr=err_file, cwd="/", env=env)
+    stop = threading.Event()
+    poll = threading.Thread(target=_peak_anon, args=(p.pid, stop, anon), daemon=True) if anon is not None else None
+    if poll is not None:
+        poll.start()
     _, status, ru = os.wait4(p.pid, 0)
     dt = time.perf_counter() - t0
+    if poll is not None:
+        stop.set()
+        poll.join()
     if os.waitstatus_to_exitcode(status) != 0:
         err = ""
         if err_file is not None:

@@ -49,16 +49,17 @@ model.save_pretrained(dst, save_compressed=True)
 """
 
 
-def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+def run_timed(cmd: list[str], env: dict | None = None, anon: list | None = None) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of a child process; -1 as the RSS if it failed.
 
     The RSS is GNU time's %M (bench_convert.run_timed): this process imports torch, and
-    wait4's ru_maxrss would carry its size into every child's figure.
+    wait4's ru_maxrss would carry its size into every child's figure. ``anon`` (a list) gets
+    the sampled peak of its anonymous memory (bench_convert._peak_anon).
     """
     from bench_convert import run_timed as timed
 
     try:
-        secs, rss, _ = timed(cmd, env=env, stderr=subprocess.PIPE)
+        secs, rss, _ = timed(cmd, env=env, stderr=subprocess.PIPE, anon=anon)
     except SystemExit as e:
         print(f"{' '.join(cmd[:4])} ... {e}", flush=True)
         return 0.0, -1
@@ -134,6 +135,11 @@ def multi_eval(src: Path, outs: dict[str, Path], ids, ctx: int) -> dict[str, flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lc-venv", type=Path, default=Path("/tmp/lcvenv"))
+    ap.add_argument("--qs-venv", type=Path,
+                    help="run qstream's conversions with this venv's python (made by --setup-qs: `pip install "
+                         ".[calibrate]`, what a user installs; this checkout's code via PYTHONPATH), not this "
+                         "process's own, whose extra packages (scipy, which transformers then imports) add to the RSS")
+    ap.add_argument("--setup-qs", type=Path, metavar="DIR", help="create that venv here and exit")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qbench-gptq"))
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("QSTREAM_TEST_CACHE", REPO / ".cache")))
     ap.add_argument("--samples", type=int, default=26)
@@ -152,6 +158,11 @@ def main() -> None:
     ap.add_argument("--depth-reps", type=int, default=2, help="alternating runs of each depth (--depth-only)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.setup_qs:
+        subprocess.run([sys.executable, "-m", "venv", str(args.setup_qs)], check=True)
+        subprocess.run([str(args.setup_qs / "bin" / "python"), "-m", "pip", "install", "-q", f"{REPO}[calibrate]"],
+                       check=True)
+        return
     import smollm2
     import torch
 
@@ -166,7 +177,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if args.torch_threads:
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
-    qs = [sys.executable, "-m", "qstream", "convert", str(src)]
+    qs = [str(args.qs_venv / "bin" / "python") if args.qs_venv else sys.executable, "-m", "qstream", "convert", str(src)]
     calib = ["--calibrate", str(CALIB), "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen)]
     runs = []  # (label, tool, scheme, how, cmd)
     for scheme in args.schemes:
@@ -192,11 +203,14 @@ def main() -> None:
             dst = args.work / label
             shutil.rmtree(dst, ignore_errors=True)
             cmd = [str(dst) if c is None else c for c in cmd] + (["-q"] if tool == "qstream" else [])
-            secs, rss = run_timed(cmd, env)
-            print(f"[{label}] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB", flush=True)
+            anon: list = []
+            secs, rss = run_timed(cmd, env, anon)
+            print(f"[{label}] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB, anonymous {anon[0] / 2**20:.0f} MiB",
+                  flush=True)
             if rss < 0:
                 continue
-            new.append({"label": label, "tool": tool, "scheme": scheme, "how": how, "seconds": secs, "rss": rss})
+            new.append({"label": label, "tool": tool, "scheme": scheme, "how": how, "seconds": secs, "rss": rss,
+                        "anon": anon[0]})
             outs[label] = dst
         t0 = time.perf_counter()
         kl = multi_eval(src, outs, eval_ids, args.ctx)
@@ -217,9 +231,11 @@ def main() -> None:
             shutil.rmtree(dst, ignore_errors=True)
             cmd = [str(deep) if c == str(src) else str(dst) if c is None else c for c in cmd] + \
                 (["-q"] if tool == "qstream" else [])
-            secs, rss = run_timed(cmd, env)
-            print(f"[{label} 60 layers] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB", flush=True)
-            args.deep_rows.append((tool, scheme, how, secs, rss))
+            anon = []
+            secs, rss = run_timed(cmd, env, anon)
+            print(f"[{label} 60 layers] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB, anonymous "
+                  f"{anon[0] / 2**20:.0f} MiB", flush=True)
+            args.deep_rows.append((tool, scheme, how, secs, rss, anon[0]))
             shutil.rmtree(dst, ignore_errors=True)
         if args.out:
             write_results(args, rows)
@@ -271,12 +287,23 @@ def write_results(args, rows: list[dict]) -> None:
              f"(a text neither saw) in {args.ctx}-token windows, {rows[0]['tokens']} predicted positions: "
              "KL(BF16 || quantized) over the full vocabulary in nats, every output decoded as "
              f"compressed-tensors decodes it. BF16 perplexity {rows[0]['ppl_src']:.3f}. Peak RSS and wall "
-             "time: the conversion process.", "",
-             "| scheme | tool | method | KL mean | perplexity | top-1 agree | peak RSS | wall |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "time: the conversion process (peak RSS: GNU time's %M; anonymous: the peak of its RssAnon, "
+             "sampled every 20 ms, which leaves out the file-backed pages of its libraries). qstream ran with "
+             + (f"a venv's python holding only `pip install .[calibrate]` ({args.qs_venv})" if args.qs_venv
+                else "this process's python") + f", llm-compressor with {args.lc_venv}'s.", "",
+             "| scheme | tool | method | KL mean | perplexity | top-1 agree | peak RSS | peak anonymous | wall |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['scheme']} | {r['tool']} | {r['how']} | {r['kl']:.4f} | {r['ppl']:.3f} | {r['top1']:.3f} "
-                     f"| {r['rss'] / 2**20:.0f} MiB | {r['seconds']:.0f} s |")
+                     f"| {r['rss'] / 2**20:.0f} MiB | {r['anon'] / 2**20:.0f} MiB | {r['seconds']:.0f} s |")
+    for scheme in dict.fromkeys(r["scheme"] for r in rows):
+        lc = next((r for r in rows if r["scheme"] == scheme and r["tool"] == "llm-compressor"), None)
+        for r in rows:
+            if lc is None or r["scheme"] != scheme or r["tool"] != "qstream" or "GPTQ" not in r["how"]:
+                continue
+            lines.append(f"\n{scheme}, {r['how']} against llm-compressor: KL {r['kl'] / lc['kl']:.3f}x "
+                         f"({(1 - r['kl'] / lc['kl']) * 100:.1f} % lower), peak RSS {r['rss'] / lc['rss']:.2f}x, "
+                         f"peak anonymous {r['anon'] / lc['anon']:.2f}x, wall {r['seconds'] / lc['seconds']:.2f}x.")
     deep = getattr(args, "deep_rows", None)
     if deep:
         lines += ["", "The same conversion of a 2x-deep SmolLM2 (60 decoder layers: each layer repeated, same widths "
@@ -284,11 +311,12 @@ def write_results(args, rows: list[dict]) -> None:
                   "30-layer run above:", "",
                   "| scheme | tool | method | peak RSS, 60 layers | x 30 layers | wall, 60 layers | x 30 layers |",
                   "|---|---|---|---:|---:|---:|---:|"]
-        for tool, scheme, how, secs, rss in deep:
+        for tool, scheme, how, secs, rss, anon in deep:
             b = next((r for r in rows if r["tool"] == tool and r["scheme"] == scheme and "GPTQ" in r["how"]), None)
-            lines.append(f"| {scheme} | {tool} | {how} | {rss / 2**20:.0f} MiB | "
+            lines.append(f"| {scheme} | {tool} | {how} | {rss / 2**20:.0f} MiB (anonymous {anon / 2**20:.0f}) | "
                          f"{rss / b['rss']:.2f}x | {secs:.0f} s | {secs / b['seconds']:.2f}x |" if b else
-                         f"| {scheme} | {tool} | {how} | {rss / 2**20:.0f} MiB | | {secs:.0f} s | |")
+                         f"| {scheme} | {tool} | {how} | {rss / 2**20:.0f} MiB (anonymous {anon / 2**20:.0f}) | | "
+                         f"{secs:.0f} s | |")
     args.out.write_text("\n".join(lines) + "\n")
 
 

@@ -377,7 +377,10 @@ def _layer_pass(plan, sk, store, L, ops, hidden, calls, root, device, gscales, b
                 q = _data_free(w, op.scheme, gs, search)
                 data_free.setdefault((t.qual, t.expert) if t is not None else op.module, []).append(op.module)
             else:
-                packed, scale, q = gptq_quantize(torch.from_numpy(w), h.matrix(), op.scheme, gs, search)
+                # a dense Linear's Hessian is its own (handed over, no name holds it here); an
+                # expert's gate and up share one, so they get a scaled copy each
+                packed, scale, q = gptq_quantize(torch.from_numpy(w), h.take() if t is None else h.matrix(),
+                                                 op.scheme, gs, search, overwrite_hessian=True)
             if t is None:
                 dense_q.append((mods[op.module], q))
             else:

@@ -68,6 +68,12 @@ class Hessian:
     def matrix(self) -> torch.Tensor:
         return self.h * (2.0 / max(1, self.n))
 
+    def take(self) -> torch.Tensor:
+        """:meth:`matrix` computed in place, handing the accumulator over (no copy: the
+        Hessian of a 28672-column down_proj is 3.3 GB); the Hessian is spent after it."""
+        h, self.h = self.h, None
+        return h.mul_(2.0 / max(1, self.n))
+
 
 class _Grid:
     """One scheme's per-group scale choice (numpy, on the FP4 kernels: byte for byte the
@@ -183,7 +189,7 @@ def _columns(W1, i0, n, Hinv1, fac, divide, dec, values, codes, Q, Err1):
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, gs: np.float32 | None,
-                  search: str = "mse", block: int = BLOCK, damp: float = DAMP):
+                  search: str = "mse", block: int = BLOCK, damp: float = DAMP, overwrite_hessian: bool = False):
     """GPTQ of a [rows, cols] weight against the Hessian [cols, cols] of its inputs.
 
     Returns ``(packed uint8 [rows, cols/2], scale uint8 [rows, cols/group], decoded float32
@@ -191,34 +197,59 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, gs: 
     (E4M3 for NVFP4, biased E8M0 for MXFP4) and the values the decoder gives. On the CPU its
     torch part (Cholesky factors, the update after each block) runs on one torch thread, so
     the result is the same whatever the machine's thread settings; the column loop is the
-    serial numba kernel :func:`_columns`."""
-    if hessian.device.type != "cpu":
-        return _gptq(weight, hessian, scheme, gs, search, block, damp)
+    serial numba kernel :func:`_columns`.
+
+    ``overwrite_hessian``: the caller hands ``hessian`` over (:meth:`Hessian.take`) and it is
+    used as the damped matrix in place, freed as soon as its factor exists: at most two
+    [cols, cols] matrices are held at once (there were six: the accumulator, its scaled copy,
+    a clone, the identity, the damping and the factor; this is the calibration pass's peak)."""
+    held = [hessian]  # the only reference from here on, so that _gptq can let it go
+    del hessian
+    if held[0].device.type != "cpu":
+        return _gptq(weight, held, scheme, gs, search, block, damp, overwrite_hessian)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq(weight, hessian, scheme, gs, search, block, damp)
+        return _gptq(weight, held, scheme, gs, search, block, damp, overwrite_hessian)
     finally:
         torch.set_num_threads(n)
 
 
-def _gptq(weight, hessian, scheme, gs, search, block, damp):
-    device = hessian.device
+def _inverse_factor(held: list, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damping)^-1, H (``held``'s one item, its only
+    reference) damped in place and released once factored. The damping is added to the
+    diagonal alone: the same floats as H + d * I."""
+    H = held.pop()
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:  # not positive definite in float32: dampen more, as llm-compressor suggests
+        del L
+        H.diagonal().add_(0.1 * torch.mean(torch.diag(H)))
+        L = torch.linalg.cholesky(H)
+    del H
+    inv = torch.cholesky_inverse(L)
+    del L
+    return torch.linalg.cholesky(inv, upper=True)
+
+
+def _gptq(weight, held, scheme, gs, search, block, damp, overwrite_hessian=False):
+    device = held[0].device
     W = weight.to(device=device, dtype=torch.float32).clone()
     rows, cols = W.shape
     grid = _Grid(scheme, gs, search)
     if cols % grid.group or block % grid.group:
         raise ValueError(f"{cols} columns / block {block} are not whole {scheme} groups of {grid.group}")
-    H = hessian.to(torch.float32).clone()
+    src = held.pop()
+    H = src.to(torch.float32)
+    if H is src and not overwrite_hessian:
+        H = H.clone()
+    del src
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float32, device=device)
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info) != 0:  # not positive definite in float32: dampen more, as llm-compressor suggests
-        H += 0.1 * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float32, device=device)
-        L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    held.append(H)
+    del H
+    Hinv = _inverse_factor(held, damp)
     Hinv_np = Hinv.cpu().numpy()
     codes = np.empty((rows, cols), dtype=np.uint8)
     Q = np.empty((rows, cols), dtype=np.float32)
