@@ -123,6 +123,39 @@ def test_gptq_loss_scale_choice_beats_plain_squared_error(monkeypatch, scheme, s
     assert new < old, (new, old)
 
 
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+def test_handed_over_hessian_gives_the_same_bytes(scheme):
+    """calibrate hands each dense Linear's Hessian to GPTQ (Hessian.take, overwrite_hessian),
+    which damps it in place on its diagonal and frees it as soon as it is factored. The bytes
+    are those of the copying path, which leaves the caller's matrix as it was, and the factor
+    is the one of H + d * I written out in full (the formula before the change), bit for bit;
+    a dead input column (all zeros) is included."""
+    from qstream import gptq
+
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((512, 256)).astype(np.float32) @ (np.eye(256, dtype=np.float32) + 0.2)
+    x[:, 5] = 0.0
+    hess = gptq.Hessian(256, torch.device("cpu"))
+    hess.add(torch.from_numpy(x))
+    gs = reference.nvfp4_global_scale(reference.tensor_absmax(w), np.float32) if scheme == "nvfp4" else None
+    kept = hess.matrix()
+    before = kept.clone()
+    copied = gptq_quantize(torch.from_numpy(w), kept, scheme, gs, "mse")
+    assert torch.equal(kept, before)  # overwrite_hessian=False: the caller's matrix untouched
+    taken = gptq_quantize(torch.from_numpy(w), hess.take(), scheme, gs, "mse", overwrite_hessian=True)
+    assert hess.h is None  # the accumulator was handed over
+    for a, b in zip(copied[:2], taken[:2]):
+        assert np.array_equal(a, b)
+    assert torch.equal(copied[2], taken[2])
+    H = before.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    full = H + gptq.DAMP * torch.mean(torch.diag(H)) * torch.eye(256)
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(full)), upper=True)
+    assert torch.equal(gptq._inverse_factor([H], gptq.DAMP), want)
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tiny_ckpt, tmp_path_factory):
     """GPTQ (scale search mse) and round-to-nearest outputs of the tiny fixture, per scheme."""
