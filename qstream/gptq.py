@@ -146,22 +146,30 @@ def _group_loss(G, Hinv, fac, dec, values, divide):
     [rows, n] quantized in turn with the row's factor ``fac`` (codes of w / fac with
     ``divide``, NVFP4, else of w * fac; decoded as bf16(value * dec)), each column's error
     spread over the group's later columns: the trial of one scale candidate (float32, the
-    quantization of :func:`_columns`)."""
+    quantization of :func:`_columns`).
+
+    Column by column over all rows at once (the group transposed, so that the error
+    feedback ``w_j -= e * Hinv[i, j]`` runs over contiguous rows, in vector registers): each
+    row's float operations are the row-by-row loop's, in the same order."""
     rows, n = G.shape
-    out = np.empty(rows, dtype=np.float32)
-    w = np.empty(n, dtype=np.float32)
+    out = np.zeros(rows, dtype=np.float32)
+    W = np.empty((n, rows), dtype=np.float32)
     for r in range(rows):
         for j in range(n):
-            w[j] = G[r, j]
-        f, d = fac[r], dec[r]
-        loss = np.float32(0.0)
-        for i in range(n):
-            q = _round_bf16(values[_fp4(w[i] / f if divide else w[i] * f)] * d)
-            e = (w[i] - q) / Hinv[i, i]
-            loss += e * e
-            for j in range(i + 1, n):
-                w[j] -= e * Hinv[i, j]
-        out[r] = loss
+            W[j, r] = G[r, j]
+    e = np.empty(rows, dtype=np.float32)
+    for i in range(n):
+        hii = Hinv[i, i]
+        for r in range(rows):
+            w = W[i, r]
+            q = _round_bf16(values[_fp4(w / fac[r] if divide else w * fac[r])] * dec[r])
+            d = (w - q) / hii
+            e[r] = d
+            out[r] += d * d
+        for j in range(i + 1, n):
+            h = Hinv[i, j]
+            for r in range(rows):
+                W[j, r] -= e[r] * h
     return out
 
 

@@ -156,6 +156,39 @@ def test_handed_over_hessian_gives_the_same_bytes(scheme):
     assert torch.equal(gptq._inverse_factor([H], gptq.DAMP), want)
 
 
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+def test_group_loss_is_the_row_by_row_loop(scheme):
+    """gptq._group_loss (one scale candidate's GPTQ trial, columns over all rows at once) is,
+    bit for bit, the row-by-row float32 loop it replaced: quantize column i, e = (w - q) /
+    Hinv_ii, loss += e * e, w_j -= e * Hinv_ij for the later columns, in that order."""
+    from qstream import gptq
+    from qstream.schemes.kernels_common import _fp4, _round_bf16
+
+    rng = np.random.default_rng(11)
+    n = 16 if scheme == "nvfp4" else 32
+    rows = 37
+    G = (rng.standard_normal((rows, n)) * 0.05).astype(np.float32)
+    Hinv = (np.triu(rng.standard_normal((n, n))) * 0.2 + np.eye(n) * 1.5).astype(np.float32)
+    fac = (rng.uniform(0.004, 0.02, rows)).astype(np.float32)
+    dec = fac.copy() if scheme == "nvfp4" else (1.0 / fac).astype(np.float32)
+    values = np.concatenate([reference.FP4_VALUES, -reference.FP4_VALUES]).astype(np.float32)
+    divide = scheme == "nvfp4"
+    want = np.empty(rows, dtype=np.float32)
+    for r in range(rows):
+        w = G[r].copy()
+        loss = np.float32(0.0)
+        for i in range(n):
+            c = _fp4(np.float32(w[i] / fac[r]) if divide else np.float32(w[i] * fac[r]))
+            q = _round_bf16(np.float32(values[c] * dec[r]))
+            e = np.float32(np.float32(w[i] - q) / Hinv[i, i])
+            loss = np.float32(loss + np.float32(e * e))
+            for j in range(i + 1, n):
+                w[j] = np.float32(w[j] - np.float32(e * Hinv[i, j]))
+        want[r] = loss
+    got = gptq._group_loss(G, Hinv, fac, dec, values, divide)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tiny_ckpt, tmp_path_factory):
     """GPTQ (scale search mse) and round-to-nearest outputs of the tiny fixture, per scheme."""
