@@ -49,21 +49,23 @@ model.save_pretrained(dst, save_compressed=True)
 """
 
 
-def run_timed(cmd: list[str], env: dict | None = None, anon: list | None = None) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of a child process; -1 as the RSS if it failed.
+def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS bytes, peak anonymous RSS bytes) of a child process; -1 as the
+    RSS if it failed.
 
     The RSS is GNU time's %M (bench_convert.run_timed): this process imports torch, and
-    wait4's ru_maxrss would carry its size into every child's figure. ``anon`` (a list) gets
-    the sampled peak of its anonymous memory (bench_convert._peak_anon).
+    wait4's ru_maxrss would carry its size into every child's figure. The anonymous peak is
+    sampled (bench_convert._peak_anon).
     """
     from bench_convert import run_timed as timed
 
+    anon: list = []
     try:
         secs, rss, _ = timed(cmd, env=env, stderr=subprocess.PIPE, anon=anon)
     except SystemExit as e:
         print(f"{' '.join(cmd[:4])} ... {e}", flush=True)
-        return 0.0, -1
-    return secs, rss
+        return 0.0, -1, -1
+    return secs, rss, anon[0]
 
 
 def deepen(src: Path, dst: Path, times: int = 2) -> Path:
@@ -203,14 +205,13 @@ def main() -> None:
             dst = args.work / label
             shutil.rmtree(dst, ignore_errors=True)
             cmd = [str(dst) if c is None else c for c in cmd] + (["-q"] if tool == "qstream" else [])
-            anon: list = []
-            secs, rss = run_timed(cmd, env, anon)
-            print(f"[{label}] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB, anonymous {anon[0] / 2**20:.0f} MiB",
+            secs, rss, anon = run_timed(cmd, env)
+            print(f"[{label}] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB, anonymous {anon / 2**20:.0f} MiB",
                   flush=True)
             if rss < 0:
                 continue
             new.append({"label": label, "tool": tool, "scheme": scheme, "how": how, "seconds": secs, "rss": rss,
-                        "anon": anon[0]})
+                        "anon": anon})
             outs[label] = dst
         t0 = time.perf_counter()
         kl = multi_eval(src, outs, eval_ids, args.ctx)
@@ -231,11 +232,10 @@ def main() -> None:
             shutil.rmtree(dst, ignore_errors=True)
             cmd = [str(deep) if c == str(src) else str(dst) if c is None else c for c in cmd] + \
                 (["-q"] if tool == "qstream" else [])
-            anon = []
-            secs, rss = run_timed(cmd, env, anon)
+            secs, rss, anon = run_timed(cmd, env)
             print(f"[{label} 60 layers] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB, anonymous "
-                  f"{anon[0] / 2**20:.0f} MiB", flush=True)
-            args.deep_rows.append((tool, scheme, how, secs, rss, anon[0]))
+                  f"{anon / 2**20:.0f} MiB", flush=True)
+            args.deep_rows.append((tool, scheme, how, secs, rss, anon))
             shutil.rmtree(dst, ignore_errors=True)
         if args.out:
             write_results(args, rows)
@@ -250,7 +250,7 @@ def depth_only(args, src: Path, qs: list, calib: list, env: dict) -> None:
         for n, s in ((30, src), (60, deep)):
             dst = args.work / f"depth-{n}"
             shutil.rmtree(dst, ignore_errors=True)
-            secs, rss = run_timed([qs[0], *qs[1:-1], str(s), str(dst), "--mlp", scheme] + calib + ["-q"], env)
+            secs, rss, _ = run_timed([qs[0], *qs[1:-1], str(s), str(dst), "--mlp", scheme] + calib + ["-q"], env)
             print(f"[{n} layers, run {rep + 1}] {secs:.1f} s, peak RSS {rss / 2**20:.0f} MiB", flush=True)
             res[n].append((secs, rss))
             shutil.rmtree(dst, ignore_errors=True)

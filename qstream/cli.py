@@ -7,7 +7,6 @@ the tables and progress on a terminal, plain lines are printed otherwise.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import shlex
 import sys

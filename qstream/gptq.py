@@ -209,16 +209,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, gs: 
 
     ``overwrite_hessian``: the caller hands ``hessian`` over (:meth:`Hessian.take`) and it is
     used as the damped matrix in place, freed as soon as its factor exists: at most two
-    [cols, cols] matrices are held at once (there were six: the accumulator, its scaled copy,
-    a clone, the identity, the damping and the factor; this is the calibration pass's peak)."""
-    held = [hessian]  # the only reference from here on, so that _gptq can let it go
-    del hessian
+    [cols, cols] matrices are held at once (the calibration pass's peak). Otherwise GPTQ
+    works on a copy and ``hessian`` is left as it was."""
+    held = [hessian if overwrite_hessian else hessian.clone()]  # the only reference from here on,
+    del hessian  # so that _inverse_factor can let it go
     if held[0].device.type != "cpu":
-        return _gptq(weight, held, scheme, gs, search, block, damp, overwrite_hessian)
+        return _gptq(weight, held, scheme, gs, search, block, damp)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq(weight, held, scheme, gs, search, block, damp, overwrite_hessian)
+        return _gptq(weight, held, scheme, gs, search, block, damp)
     finally:
         torch.set_num_threads(n)
 
@@ -240,22 +240,17 @@ def _inverse_factor(held: list, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(inv, upper=True)
 
 
-def _gptq(weight, held, scheme, gs, search, block, damp, overwrite_hessian=False):
+def _gptq(weight, held, scheme, gs, search, block, damp):
     device = held[0].device
     W = weight.to(device=device, dtype=torch.float32).clone()
     rows, cols = W.shape
     grid = _Grid(scheme, gs, search)
     if cols % grid.group or block % grid.group:
         raise ValueError(f"{cols} columns / block {block} are not whole {scheme} groups of {grid.group}")
-    src = held.pop()
-    H = src.to(torch.float32)
-    if H is src and not overwrite_hessian:
-        H = H.clone()
-    del src
+    held[0] = H = held[0].to(torch.float32)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    held.append(H)
     del H
     Hinv = _inverse_factor(held, damp)
     Hinv_np = Hinv.cpu().numpy()

@@ -329,7 +329,7 @@ def download_shards(ckpt: HubCheckpoint, log: Callable[[str], None] | None = Non
     """Download every shard of ``ckpt`` still remote into the HF cache now, ``DOWNLOADS_IN_FLIGHT``
     at a time, each checked against the size the repo lists, then mark them local (what
     ``--calibrate`` needs: its pass reads every decoder layer before the conversion starts)."""
-    todo = [p for p in ckpt.remote]
+    todo = list(ckpt.remote)
     if not todo:
         return
     if log is not None:
